@@ -1,0 +1,23 @@
+"""emo: Earth Mover Distance Optimization (EMO) and baseline objectives for causal language models.
+
+Public API:
+    EMOLoss(logits, labels, cost_embedding, ignore_index=-100, mode=1)   drop-in for the ``EMOLoss`` package
+    lm_loss(logits, labels, *, objective="emo", cost_embedding=None, ...) any objective in ``OBJECTIVES`` by name
+    CostEmbedding, cost_embedding_from_model, load_cost_embedding         the transport-cost embeddings
+"""
+from emo.cost import CostEmbedding, cost_embedding_from_model, load_cost_embedding
+from emo.losses import EMOLoss, lm_loss
+from emo.registry import get_objective, objective_names, register_objective
+
+OBJECTIVES = objective_names()
+
+__all__ = [
+    "EMOLoss",
+    "OBJECTIVES",
+    "CostEmbedding",
+    "cost_embedding_from_model",
+    "get_objective",
+    "lm_loss",
+    "load_cost_embedding",
+    "register_objective",
+]
