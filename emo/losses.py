@@ -22,6 +22,7 @@ from emo.registry import Objective, get_objective
 REDUCTIONS = ("mean", "sum", "none")
 MASK_EPS = 1e-15
 CHUNK_ELEMENTS = 1 << 24
+_ONE = torch.ones(1, 1)
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -36,55 +37,81 @@ def objective_chunk(
     hparams: dict,
     cost: Optional[torch.Tensor],
     with_grad: bool,
+    scratch: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token loss values and, if ``with_grad``, their fp32 logit gradient for one chunk of tokens.
 
-    ``logits`` is an fp32 ``(n, V)`` tensor this function owns (it is overwritten in place); ``targets`` are valid
-    class ids; ``cost`` is the row-normalised fp32 cost embedding (``CostEmbedding.normalized``) or ``None``.
+    ``logits`` is an fp32 ``(n, V)`` tensor this function owns: it is overwritten and returned as the gradient.
+    ``targets`` are valid class ids; ``cost`` is the row-normalised fp32 cost embedding (``CostEmbedding.normalized``)
+    or ``None``; ``scratch`` is an optional ``(n, V)`` fp32 buffer for the transport costs (reused across chunks);
+    ``valid`` optionally marks the rows that count (others get value and gradient 0; their targets may be any id).
     Returns ``(values (n,), dlogits (n, V) or None)``.
     """
     rows = targets.unsqueeze(1)
     target_logit = logits.gather(1, rows).squeeze(1)
     row_max = logits.amax(dim=1, keepdim=True)
-    probs = logits.sub_(row_max).exp_()
-    normalizer = probs.sum(dim=1, keepdim=True)
-    probs.div_(normalizer)
+    unnormalized = logits.sub_(row_max).exp_()
+    normalizer = unnormalized.sum(dim=1, keepdim=True)
     nll = (row_max + normalizer.log()).squeeze(1) - target_logit
     p_target = torch.exp(-nll)
+    inverse_normalizer = normalizer.reciprocal_()
 
     emo = weighted_distance = None
     if objective.needs_cost_embedding:
-        weighted_distance = torch.mm(cost[targets], cost.T).neg_().add_(1.0).mul_(probs)
-        emo = weighted_distance.sum(dim=1).clamp_(min=0.0)
+        # 1 - cos(e_v, e_y) for every v, then weighted by the (unnormalised) probabilities.
+        weighted_distance = torch.addmm(_ONE, cost[targets], cost.T, alpha=-1.0, out=scratch).mul_(unnormalized)
+        emo = weighted_distance.sum(dim=1, keepdim=True).mul_(inverse_normalizer).squeeze(1).clamp_(min=0.0)
     values, nll_weight, emo_weight = objective.weights(nll, p_target, emo, **hparams)
+    if valid is not None:
+        values, nll_weight = values.where(valid, 0.0), nll_weight.where(valid, 0.0)
+        emo_weight = None if emo_weight is None else emo_weight.where(valid, 0.0)
     if not with_grad:
         return values, None
 
     if emo is None:
-        grad = probs.mul_(nll_weight.unsqueeze(1))
+        grad = unnormalized.mul_(nll_weight.unsqueeze(1) * inverse_normalizer)
     else:
-        grad = probs.mul_((nll_weight - emo_weight * emo).unsqueeze(1))
-        grad.add_(weighted_distance.mul_(emo_weight.unsqueeze(1)))
+        grad = unnormalized.mul_((nll_weight - emo_weight * emo).unsqueeze(1) * inverse_normalizer)
+        grad.addcmul_(weighted_distance, emo_weight.unsqueeze(1) * inverse_normalizer)
     grad.scatter_add_(1, rows, -nll_weight.unsqueeze(1))
     return values, grad
 
 
 class _ObjectiveOnLogits(torch.autograd.Function):
-    """Per-position objective values ``(B*T,)`` from flat logits, with the logit gradient computed in forward."""
+    """Per-position objective values ``(B*T,)`` from flat logits, with the logit gradient computed in forward.
+
+    Chunks are contiguous position ranges (ignored positions get zero value and gradient), so for fp32 logits each
+    chunk is copied once into its rows of the gradient buffer and turned into the gradient there, in place.
+    """
 
     @staticmethod
-    def forward(ctx, flat_logits, rows, targets, objective, hparams, cost, chunk_size, with_grad):
-        values = flat_logits.new_zeros(flat_logits.shape[0], dtype=torch.float32)
-        grad = torch.zeros_like(flat_logits) if with_grad else None
-        for start in range(0, rows.numel(), chunk_size):
-            index = rows[start : start + chunk_size]
-            chunk = flat_logits.index_select(0, index).float()
-            chunk_values, chunk_grad = objective_chunk(
-                chunk, targets[start : start + chunk_size], objective, hparams, cost, with_grad
+    def forward(ctx, flat_logits, flat_targets, valid, objective, hparams, cost, chunk_size, with_grad):
+        num_positions, vocab_size = flat_logits.shape
+        values = flat_logits.new_empty(num_positions, dtype=torch.float32)
+        grad = torch.empty_like(flat_logits) if with_grad else None
+        chunk_size = min(chunk_size, num_positions)
+        in_place = with_grad and flat_logits.dtype == torch.float32
+        work = None if in_place else flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32)
+        scratch = flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32) if cost is not None else None
+        targets = flat_targets.where(valid, 0)
+        for start in range(0, num_positions, chunk_size):
+            span = slice(start, min(start + chunk_size, num_positions))
+            size = span.stop - span.start
+            chunk = grad[span] if in_place else work[:size]
+            chunk.copy_(flat_logits[span])
+            values[span], chunk_grad = objective_chunk(
+                chunk,
+                targets[span],
+                objective,
+                hparams,
+                cost,
+                with_grad,
+                None if scratch is None else scratch[:size],
+                valid[span],
             )
-            values.index_copy_(0, index, chunk_values)
-            if with_grad:
-                grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+            if with_grad and not in_place:
+                grad[span].copy_(chunk_grad)
         ctx.grad_buffer = grad
         return values
 
@@ -103,21 +130,14 @@ def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
-def select_targets(
-    flat_targets: torch.Tensor, vocab_size: int, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of non-ignored positions and their targets; raises ``ValueError`` on out-of-range labels."""
-    rows = (flat_targets != ignore_index).nonzero().squeeze(1)
-    targets = flat_targets.index_select(0, rows)
-    if targets.numel():
-        low, high = torch.aminmax(targets)
-        low, high = int(low), int(high)
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"label {bad} is out of range for vocabulary size {vocab_size} (ignore_index is {ignore_index})"
-            )
-    return rows, targets
+def check_targets(flat_targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` naming the first out-of-range label among the valid (non-ignored) targets."""
+    if not flat_targets.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(flat_targets.where(valid, 0)))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"label {bad} is out of range for vocabulary size {vocab_size} (ignore_index is {ignore_index})")
 
 
 def resolve_objective(
@@ -147,7 +167,7 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def reduce_token_values(values: torch.Tensor, num_valid: int, reduction: str) -> torch.Tensor:
+def reduce_token_values(values: torch.Tensor, num_valid: torch.Tensor, reduction: str) -> torch.Tensor:
     """Reduce per-position values (zeros at ignored positions) as ``sum / (1e-15 + count)``, ``sum``, or ``none``."""
     if reduction == "none":
         return values
@@ -185,12 +205,13 @@ def lm_loss(
     vocab_size = logits.shape[-1]
     spec, resolved, cost = resolve_objective(objective, cost_embedding, vocab_size, hparams)
     flat_targets = shift_labels(labels, ignore_index).reshape(-1)
-    rows, targets = select_targets(flat_targets, vocab_size, ignore_index)
+    valid = flat_targets != ignore_index
+    check_targets(flat_targets, valid, vocab_size, ignore_index)
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     values = _ObjectiveOnLogits.apply(
         logits.reshape(-1, vocab_size),
-        rows,
-        targets,
+        flat_targets,
+        valid,
         spec,
         resolved,
         None if cost is None else cost.normalized.to(logits.device),
@@ -199,7 +220,7 @@ def lm_loss(
     )
     if reduction == "none":
         return values.view(labels.shape)[:, :-1]
-    return reduce_token_values(values, rows.numel(), reduction)
+    return reduce_token_values(values, valid.sum(), reduction)
 
 
 def EMOLoss(
