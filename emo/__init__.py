@@ -3,9 +3,11 @@
 Public API:
     EMOLoss(logits, labels, cost_embedding, ignore_index=-100, mode=1)   drop-in for the ``EMOLoss`` package
     lm_loss(logits, labels, *, objective="emo", cost_embedding=None, ...) any objective in ``OBJECTIVES`` by name
+    linear_lm_loss(hidden, lm_head_weight, labels, *, objective="emo", ...) the same, fused with the LM head
     CostEmbedding, cost_embedding_from_model, load_cost_embedding         the transport-cost embeddings
 """
 from emo.cost import CostEmbedding, cost_embedding_from_model, load_cost_embedding
+from emo.fused import linear_lm_loss
 from emo.losses import EMOLoss, lm_loss
 from emo.registry import get_objective, objective_names, register_objective
 
@@ -17,6 +19,7 @@ __all__ = [
     "CostEmbedding",
     "cost_embedding_from_model",
     "get_objective",
+    "linear_lm_loss",
     "lm_loss",
     "load_cost_embedding",
     "register_objective",

@@ -13,10 +13,12 @@ import torch
 from transformers import Trainer
 
 from emo.cost import CostEmbedding
+from emo.fused import linear_lm_loss
 from emo.losses import lm_loss
 from emo.registry import get_objective
 
 ADAPTIVE = "adaptive_emo"
+IMPLEMENTATIONS = ("materialized", "fused")
 
 
 class ObjectiveLoss:
@@ -24,7 +26,9 @@ class ObjectiveLoss:
 
     ``cost_embedding``: a ``CostEmbedding`` or ``(V, width)`` tensor for the EMO objectives (build it with
     ``emo.cost_embedding_from_model``). ``adaptive_emo`` instead reads the current LM head of ``model`` at every
-    call, detached. ``hparams`` are the objective's hyper-parameters.
+    call, detached. ``hparams`` are the objective's hyper-parameters. ``impl="fused"`` makes ``ObjectiveTrainer``
+    stop the model's forward at the last hidden state during training and compute the loss with
+    ``emo.linear_lm_loss`` (no ``N x V`` logits); evaluation and generation are unchanged.
     """
 
     def __init__(
@@ -34,10 +38,14 @@ class ObjectiveLoss:
         cost_embedding: Union[CostEmbedding, torch.Tensor, None] = None,
         *,
         model: Optional[torch.nn.Module] = None,
+        impl: str = "materialized",
         ignore_index: int = -100,
         chunk_size: Optional[int] = None,
     ):
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
         spec = get_objective(objective)
+        self.impl = impl
         self.objective = objective
         self.hparams = spec.resolve_hparams(dict(hparams or {}))
         self.ignore_index = ignore_index
@@ -73,6 +81,27 @@ class ObjectiveLoss:
             reduction="sum",
             chunk_size=self.chunk_size,
             **(self.hparams if is_configured else {}),
+        )
+        return total / normalizer(labels, num_items_in_batch, self.ignore_index)
+
+    def from_hidden(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, num_items_in_batch=None):
+        """Fused loss from the last hidden state and the LM head module (``impl="fused"``), normalised as ``__call__``."""
+        if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+            raise ValueError(
+                "impl='fused' does not support an adapter (LoRA) on the LM head; "
+                "leave lm_head out of the adapter's target_modules or use impl='materialized'"
+            )
+        total = linear_lm_loss(
+            hidden,
+            head.weight,
+            labels,
+            objective=self.objective,
+            lm_head_bias=head.bias,
+            cost_embedding=self.current_cost_embedding(),
+            ignore_index=self.ignore_index,
+            reduction="sum",
+            chunk_size=self.chunk_size,
+            **self.hparams,
         )
         return total / normalizer(labels, num_items_in_batch, self.ignore_index)
 
@@ -115,6 +144,24 @@ class ObjectiveTrainer(Trainer):
         if objective_loss.model is None:
             objective_loss.model = self.model
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """As ``Trainer.compute_loss``; with ``impl="fused"`` in training, the LM head runs inside the loss."""
+        if self.objective_loss.impl != "fused" or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        captured = []
+        body = _unwrap(model).base_model
+        hook = body.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+        self._captured_hidden = captured
+        try:
+            no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+            return super().compute_loss(model, {**inputs, "logits_to_keep": no_positions}, return_outputs, num_items_in_batch)
+        finally:
+            hook.remove()
+            self._captured_hidden = None
+
     def _loss_for_mode(self, outputs, labels, num_items_in_batch=None):
+        if getattr(self, "_captured_hidden", None):
+            head = _unwrap(self.model).get_output_embeddings()
+            return self.objective_loss.from_hidden(self._captured_hidden[-1], head, labels, num_items_in_batch)
         objective = None if self.model.training else "mle"
         return self.objective_loss(outputs, labels, num_items_in_batch, objective=objective)

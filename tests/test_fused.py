@@ -1,0 +1,153 @@
+"""Fused linear+objective: equal to the materialised path in values and gradients, and in training."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import emo
+from emo import cost_embedding_from_model, linear_lm_loss, lm_loss
+from emo.training import ObjectiveLoss, ObjectiveTrainer
+from test_training import padded_dataset, tiny_gpt2, tiny_llama, train_once
+
+
+def _inputs(seed, batch, seq, hidden, vocab, width, ignore_fraction, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, seq, hidden, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, generator=gen).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[torch.rand(batch, seq, generator=gen) < ignore_fraction] = -100
+    cost = torch.randn(vocab, width, generator=gen)
+    return h, weight, bias, labels, cost
+
+
+def _run(loss_fn, leaves, reduction):
+    for leaf in leaves:
+        leaf.grad = None
+    loss = loss_fn()
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3)) if reduction == "none" else 1.0
+    (loss * upstream).sum().backward()
+    return [loss.detach()] + [leaf.grad.clone() for leaf in leaves]
+
+
+@pytest.mark.parametrize("objective", emo.OBJECTIVES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "chunk_size,ignore_fraction,width,use_bias",
+    [(4, 0.0, 8, True), (7, 0.3, 64, False), (64, 0.9, 3, True), (1, 0.5, 40, False)],
+)
+def test_fused_matches_materialized(objective, reduction, chunk_size, ignore_fraction, width, use_bias):
+    h, weight, bias, labels, cost = _inputs(1, 3, 11, 24, 97, width, ignore_fraction)
+    bias_arg = bias if use_bias else None
+    leaves = [h, weight] + ([bias] if use_bias else [])
+
+    def fused():
+        return linear_lm_loss(
+            h, weight, labels, objective=objective, lm_head_bias=bias_arg, cost_embedding=cost,
+            reduction=reduction, chunk_size=chunk_size,
+        )
+
+    def materialized():
+        logits = h @ weight.T + (bias if use_bias else 0)
+        return lm_loss(logits, labels, objective=objective, cost_embedding=cost, reduction=reduction)
+
+    for ours, expected in zip(_run(fused, leaves, reduction), _run(materialized, leaves, reduction)):
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_half_precision_is_finite_and_close(dtype):
+    h, weight, bias, labels, cost = _inputs(2, 2, 16, 32, 120, 16, 0.2, dtype=dtype)
+    fused = linear_lm_loss(h, weight, labels, objective="emo", lm_head_bias=bias, cost_embedding=cost, chunk_size=5)
+    fused.backward()
+    assert fused.dtype == torch.float32
+    assert h.grad.dtype == dtype and weight.grad.dtype == dtype and bias.grad.dtype == dtype
+    assert all(torch.isfinite(g).all() for g in (h.grad, weight.grad, bias.grad))
+    reference = lm_loss((h.float() @ weight.float().T + bias.float()).detach(), labels, objective="emo", cost_embedding=cost)
+    assert fused.item() == pytest.approx(reference.item(), rel=2e-2)
+
+
+def test_fused_tied_weight_accumulates_both_uses():
+    """With tied embeddings the head weight is also the input embedding: gradients from both paths add up."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Parameter(torch.randn(30, 8))
+    ids = torch.randint(0, 30, (2, 6))
+    grads = []
+    for fused in (True, False):
+        embedding.grad = None
+        hidden = torch.tanh(embedding[ids])
+        if fused:
+            loss = linear_lm_loss(hidden, embedding, ids, objective="emo2", cost_embedding=embedding.detach())
+        else:
+            loss = lm_loss(hidden @ embedding.T, ids, objective="emo2", cost_embedding=embedding.detach())
+        loss.backward()
+        grads.append(embedding.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_peak_memory_does_not_hold_logits():
+    """The autograd graph keeps no N x V tensor: saved state is the fp32 gradients only."""
+    h, weight, _, labels, cost = _inputs(4, 4, 64, 16, 5000, 8, 0.0)
+    loss = linear_lm_loss(h, weight, labels, objective="emo", cost_embedding=cost, chunk_size=32)
+    node = loss.grad_fn
+    while not hasattr(node, "grads"):
+        node = node.next_functions[0][0]
+    assert not node.saved_tensors
+    held = [g for g in node.grads if g is not None]
+    valid_tokens = int((labels[:, 1:] != -100).sum())
+    assert sum(g.numel() for g in held) == valid_tokens * h.shape[-1] + weight.numel()
+
+
+def test_fused_rejects_mismatched_head():
+    h, weight, _, labels, _ = _inputs(5, 1, 4, 8, 20, 4, 0.0)
+    with pytest.raises(ValueError, match=r"lm_head_weight must be \(vocab, 8\)"):
+        linear_lm_loss(h, weight[:, :4], labels, objective="mle")
+    with pytest.raises(ValueError, match="vocabulary size mismatch"):
+        linear_lm_loss(h, weight, labels, objective="emo", cost_embedding=torch.randn(21, 3))
+
+
+@pytest.mark.parametrize("build_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("objective", ["mle", "emo", "adaptive_emo"])
+def test_fused_training_matches_materialized(build_model, objective, tmp_path, monkeypatch):
+    results = {}
+    for impl in ("materialized", "fused"):
+        monkeypatch.setattr(ObjectiveLoss, "__init__", _with_impl(ObjectiveLoss.__init__, impl))
+        results[impl] = train_once(build_model, objective, batch_size=2, accumulation=2, tmp_path=tmp_path / impl, steps=3)
+    (model_m, losses_m), (model_f, losses_f) = results["materialized"], results["fused"]
+    assert losses_f == pytest.approx(losses_m, rel=1e-4)
+    for p_m, p_f in zip(model_m.parameters(), model_f.parameters()):
+        torch.testing.assert_close(p_f, p_m, rtol=1e-4, atol=1e-5)
+
+
+def _with_impl(init, impl):
+    def patched(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "impl": impl})
+
+    return patched
+
+
+def test_fused_refuses_lora_on_lm_head(tmp_path):
+    from transformers import TrainingArguments
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = ObjectiveTrainer(
+        model=model, args=args, train_dataset=padded_dataset(num_rows=2), objective_loss=ObjectiveLoss("mle", impl="fused")
+    )
+    with pytest.raises(ValueError, match="does not support an adapter"):
+        trainer.train()
+
+
+def test_fused_trains_with_lora_on_attention(tmp_path):
+    from transformers import TrainingArguments
+
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    cost = cost_embedding_from_model(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1
+    )
+    trainer = ObjectiveTrainer(
+        model=model, args=args, train_dataset=padded_dataset(num_rows=4),
+        objective_loss=ObjectiveLoss("emo", cost_embedding=cost, impl="fused"),
+    )
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
