@@ -75,13 +75,105 @@ def case_cross_entropy(args):
     return step, [logits]
 
 
-CASES = {"reference": case_reference, "emo": case_emo, "cross_entropy": case_cross_entropy}
+def head_case(args):
+    """Hidden states (B, T, H) for ``args.tokens`` tokens, an LM head (V, H) and a frozen cost embedding."""
+    torch.manual_seed(0)
+    seq = 256
+    hidden = filled(args.tokens // seq, seq, args.hidden, requires_grad=True)
+    weight = filled(args.vocab, args.hidden, requires_grad=True, std=args.hidden**-0.5)
+    labels = torch.randint(0, args.vocab, (args.tokens // seq, seq))
+    from emo import CostEmbedding
 
-SUITES = {
+    return hidden, weight, labels, CostEmbedding(filled(args.vocab, args.width))
+
+
+def case_head_materialized(objective):
+    def build(args):
+        from emo import lm_loss
+
+        hidden, weight, labels, cost = head_case(args)
+        return lambda: lm_loss(hidden @ weight.T, labels, objective=objective, cost_embedding=cost), [hidden, weight]
+
+    return build
+
+
+def case_head_fused(objective, scale_tokens=1):
+    def build(args):
+        from emo import linear_lm_loss
+
+        args.tokens *= scale_tokens
+        hidden, weight, labels, cost = head_case(args)
+        return lambda: linear_lm_loss(hidden, weight, labels, objective=objective, cost_embedding=cost), [hidden, weight]
+
+    return build
+
+
+def case_head_cross_entropy(args):
+    """The usual Hugging Face path: materialised logits, then cross-entropy on shifted labels."""
+    hidden, weight, labels, _ = head_case(args)
+    shifted = labels[:, 1:].reshape(-1)
+
+    def step():
+        logits = hidden @ weight.T
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, args.vocab), shifted)
+
+    return step, [hidden, weight]
+
+
+def case_train_step(objective, fused):
+    """Forward+backward of a GPT-2-small-shaped model (12 layers, width 768, vocab 50257)."""
+
+    def build(args):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from emo import cost_embedding_from_model, linear_lm_loss
+
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=args.vocab, n_positions=args.train_seq)
+        model = GPT2LMHeadModel(config)
+        cost = cost_embedding_from_model(model)
+        ids = torch.randint(0, args.vocab, (args.train_batch, args.train_seq))
+        if not fused:
+            return lambda: model(input_ids=ids, labels=ids).loss, list(model.parameters())
+
+        def step():
+            hidden = model.transformer(input_ids=ids).last_hidden_state
+            return linear_lm_loss(hidden, model.lm_head.weight, ids, objective=objective, cost_embedding=cost)
+
+        return step, list(model.parameters())
+
+    return build
+
+
+CASES = {
+    "reference": case_reference,
+    "emo": case_emo,
+    "cross_entropy": case_cross_entropy,
+    "materialized_emo": case_head_materialized("emo"),
+    "fused_emo": case_head_fused("emo"),
+    "fused_emo_2n": case_head_fused("emo", scale_tokens=2),
+    "materialized_cross_entropy": case_head_cross_entropy,
+    "train_mle_hf": case_train_step("mle", fused=False),
+    "train_mle_fused": case_train_step("mle", fused=True),
+    "train_emo_fused": case_train_step("emo", fused=True),
+}
+
+SUITES = {  # per suite: the shape defaults, the cases (one process each); its REPORTS entry prints the ratios
     "emo": {
         "defaults": {"batch": 8, "seq": 256, "vocab": 50257, "width": 768},
         "cases": ["reference", "emo", "cross_entropy"],
-        "ratios": [("emo", "reference", "EMO loss vs EMOLoss==0.0.3", 2.5, 0.35)],
+    },
+    "fused": {
+        "defaults": {"tokens": 8192, "vocab": 50257, "hidden": 768, "width": 768, "train_batch": 4, "train_seq": 256},
+        "cases": [
+            "materialized_emo",
+            "fused_emo",
+            "fused_emo_2n",
+            "materialized_cross_entropy",
+            "train_mle_hf",
+            "train_mle_fused",
+            "train_emo_fused",
+        ],
     },
 }
 
@@ -109,6 +201,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int)
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--width", type=int)
+    parser.add_argument("--tokens", type=int, help="fused suite: tokens per step (N)")
+    parser.add_argument("--hidden", type=int, help="fused suite: model width (H)")
+    parser.add_argument("--train-batch", type=int, dest="train_batch")
+    parser.add_argument("--train-seq", type=int, dest="train_seq")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -122,22 +218,41 @@ def main() -> None:
         print(json.dumps(run_worker(args)))
         return
 
-    shared = [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "vocab", "width", "warmup", "iters", "threads")]
+    names = [*suite["defaults"], "warmup", "iters", "threads"]
+    shared = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in names]
     results = {}
     for case in suite["cases"]:
         command = [sys.executable, __file__, f"--suite={args.suite}", f"--worker={case}", *shared]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[case] = json.loads(output.strip().splitlines()[-1])
         print(f"{case:>16}: {results[case]['ms']:9.1f} ms fwd+bwd   extra peak {results[case]['extra_mb']:8.1f} MB")
-    print(f"shape: batch={args.batch} seq={args.seq} vocab={args.vocab} width={args.width}, threads={args.threads}")
-    for case, baseline, label, speed_target, memory_target in suite["ratios"]:
-        speedup = results[baseline]["ms"] / results[case]["ms"]
-        memory = results[case]["extra_mb"] / results[baseline]["extra_mb"]
-        print(
-            f"{label}: {speedup:.2f}x faster (target >= {speed_target}x), "
-            f"{memory:.2f}x extra peak memory (target <= {memory_target}x)"
-        )
+    print(", ".join(f"{name}={getattr(args, name)}" for name in names))
+    REPORTS[args.suite](results)
 
+
+def report_emo(results):
+    speedup = results["reference"]["ms"] / results["emo"]["ms"]
+    memory = results["emo"]["extra_mb"] / results["reference"]["extra_mb"]
+    print(f"EMO loss vs EMOLoss==0.0.3: {speedup:.2f}x faster (target >= 2.5x), "
+          f"{memory:.2f}x extra peak memory (target <= 0.35x)")
+
+
+def report_fused(results):
+    def ratio(key, a, b):
+        return results[a][key] / results[b][key]
+
+    best_mle = min(results["train_mle_hf"]["ms"], results["train_mle_fused"]["ms"])
+    print(f"peak memory fused / materialised EMO (logits + loss): {ratio('extra_mb', 'fused_emo', 'materialized_emo'):.3f}"
+          " (target <= 0.15)")
+    print(f"peak memory fused EMO at 2N / at N: {ratio('extra_mb', 'fused_emo_2n', 'fused_emo'):.2f} (flat = 1.0)")
+    print(f"time fused / materialised EMO: {ratio('ms', 'fused_emo', 'materialized_emo'):.2f}x (target <= 1.2x)")
+    print(f"head + EMO fused / head + cross-entropy materialised: "
+          f"{ratio('ms', 'fused_emo', 'materialized_cross_entropy'):.2f}x (FLOP floor 1.33x, target <= 1.5x)")
+    print(f"train step (fwd+bwd) GPT-2-small-shaped, fused EMO / best MLE: "
+          f"{results['train_emo_fused']['ms'] / best_mle:.2f}x (target <= 1.15x)")
+
+
+REPORTS = {"emo": report_emo, "fused": report_fused}
 
 if __name__ == "__main__":
     main()

@@ -28,27 +28,34 @@ from emo.losses import (
 
 def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chunk_size, with_grad, row_scale=None):
     """Run the objective over token chunks; returns fp32 values and, if ``with_grad``, fp32 gradients
-    ``(hidden (N, H), weight (V, H), bias (V,))`` of ``sum(row_scale * values)`` (``row_scale`` defaults to 1)."""
-    num_tokens = hidden.shape[0]
-    values = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if with_grad else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
-    grad_bias = None if bias is None or not with_grad else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-    scratch = None
-    if cost is not None:
-        scratch = torch.empty(min(chunk_size, num_tokens), weight.shape[0], dtype=torch.float32, device=hidden.device)
+    ``(hidden (N, H), weight (V, H), bias (V,))`` of ``sum(row_scale * values)`` (``row_scale`` defaults to 1).
+
+    Chunk buffers are allocated once and reused; for fp32 inputs the products write into them directly and the
+    weight gradient accumulates in place (``addmm_``), so no per-chunk ``V x H`` temporary is created.
+    """
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    rows = min(chunk_size, num_tokens)
+    fp32 = dict(dtype=torch.float32, device=hidden.device)
+    exact = weight.dtype == torch.float32 and hidden.dtype == torch.float32
+    values = torch.empty(num_tokens, **fp32)
+    logits_buffer = torch.empty(rows, vocab_size, **fp32)
+    scratch = torch.empty(rows, vocab_size, **fp32) if cost is not None else None
+    grad_hidden = torch.empty(hidden.shape, **fp32) if with_grad else None
+    grad_weight = torch.zeros(weight.shape, **fp32) if with_grad else None
+    grad_bias = torch.zeros(bias.shape, **fp32) if bias is not None and with_grad else None
     for start in range(0, num_tokens, chunk_size):
         span = slice(start, min(start + chunk_size, num_tokens))
+        size = span.stop - span.start
         chunk_hidden = hidden[span]
-        logits = chunk_hidden @ weight.T if bias is None else torch.addmm(bias, chunk_hidden, weight.T)
+        logits = logits_buffer[:size]
+        if exact:
+            torch.mm(chunk_hidden, weight.T, out=logits)
+        else:
+            logits.copy_(chunk_hidden @ weight.T)
+        if bias is not None:
+            logits.add_(bias)
         values[span], dlogits = objective_chunk(
-            logits.float(),
-            targets[span],
-            objective,
-            hparams,
-            cost,
-            with_grad,
-            None if scratch is None else scratch[: span.stop - span.start],
+            logits, targets[span], objective, hparams, cost, with_grad, None if scratch is None else scratch[:size]
         )
         if not with_grad:
             continue
@@ -56,9 +63,13 @@ def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chu
             dlogits.mul_(row_scale[span].unsqueeze(1))
         if grad_bias is not None:
             grad_bias.add_(dlogits.sum(dim=0))
-        dlogits = dlogits.to(weight.dtype)
-        grad_hidden[span] = dlogits @ weight
-        grad_weight.add_(dlogits.T @ chunk_hidden)
+        if exact:
+            torch.mm(dlogits, weight, out=grad_hidden[span])
+            grad_weight.addmm_(dlogits.T, chunk_hidden)
+        else:
+            dlogits = dlogits.to(weight.dtype)
+            grad_hidden[span] = dlogits @ weight
+            grad_weight.add_(dlogits.T @ chunk_hidden)
     return values, grad_hidden, grad_weight, grad_bias
 
 
