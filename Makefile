@@ -20,3 +20,18 @@ install: $(VENV)/.installed
 
 test: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m pytest -q
+
+# ---- Track 1: language modelling (GPT-2; needs the Hugging Face Hub, ideally a GPU) ----
+DATA ?= wikitext2
+LM_OBJECTIVES ?= mle,mixce,tailr,emo
+EXPERIMENT ?= lm_gpt2
+RUN_ARGS ?=
+
+.PHONY: lm-gpt2 tables
+
+lm-gpt2: install
+	$(PY) run.py -m experiment=lm_gpt2 data=$(DATA) objective=$(LM_OBJECTIVES) $(RUN_ARGS)
+	$(MAKE) tables EXPERIMENT=lm_gpt2
+
+tables: install
+	$(PY) -m experiments.tables --experiment $(EXPERIMENT)

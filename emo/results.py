@@ -1,0 +1,114 @@
+"""Run records: `results/<experiment>/<run-id>/{metrics,manifest}.json` + `generations.jsonl`, written atomically.
+
+A run directory appears only once complete: files are written into a hidden temporary sibling, then renamed into
+place with `os.replace`, so readers (e.g. `experiments.tables`) never see half-written runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "manifest.json"
+GENERATIONS_FILE = "generations.jsonl"
+TRACKED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "omegaconf",
+                    "mauve-text", "sentence-transformers", "numpy", "wandb", "emo-suite")
+
+
+def new_run_id(*parts: str) -> str:
+    """`<UTC timestamp>_<parts...>_<6 hex>`: sortable by time, unique across concurrent runs."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return "_".join([stamp, *[str(p).replace("/", "-") for p in parts if p], uuid.uuid4().hex[:6]])
+
+
+def git_commit(repo_dir: str | Path | None = None) -> str:
+    """Current git commit (suffixed `-dirty` with uncommitted changes), or "unknown" outside a repository."""
+    cwd = repo_dir or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of `names` (None when not installed)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware_info() -> dict:
+    """Python/platform, CPU count and, when present, the CUDA devices and versions."""
+    import torch
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["cuda_version"] = torch.version.cuda
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mapping, manifest: Mapping,
+              generations: Iterable[Mapping]) -> Path:
+    """Write one run's three files atomically to `root/experiment/run_id/` and return that directory."""
+    parent = Path(root) / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / run_id
+    if final.exists():
+        raise FileExistsError(f"Run directory already exists: {final}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=parent))
+    try:
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        with open(tmp / GENERATIONS_FILE, "w") as fh:
+            for row in generations:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_runs(root: str | Path, experiment: str | None = None) -> list[dict]:
+    """All complete runs under `root` (optionally one experiment): metrics.json contents plus `run_dir`.
+
+    Hidden (in-progress) directories and the `tables` directory are skipped.
+    """
+    root = Path(root)
+    runs = []
+    if experiment:
+        experiments = [root / experiment]
+    else:
+        experiments = sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+    for exp_dir in experiments:
+        if exp_dir.name == "tables" or exp_dir.name.startswith(".") or not exp_dir.is_dir():
+            continue
+        for run_dir in sorted(exp_dir.iterdir()):
+            metrics_path = run_dir / METRICS_FILE
+            if run_dir.name.startswith(".") or not metrics_path.is_file():
+                continue
+            record = json.loads(metrics_path.read_text())
+            record["run_dir"] = str(run_dir)
+            runs.append(record)
+    return runs

@@ -1,0 +1,207 @@
+"""Track 1 recipe: fine-tune a causal LM with one objective, sample test-prefix continuations, score MAUVE.
+
+Steps: load corpus and pack blocks -> build model (+ cost embedding) -> `ObjectiveTrainer` (best checkpoint by
+validation cross-entropy) -> test perplexity -> `generation.num_seeds` sampling runs -> MAUVE against the gold texts
+(features computed once per text set) and diversity -> `results/<experiment>/<run-id>/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from emo.data import DataError, blocks_fingerprint, load_text_splits, pack_blocks
+from emo.generation import (continuation_token_budget, extract_prompts, generation_records, sample_continuations,
+                            truncate_words)
+from emo.metrics import Featurizer, diversity, mauve_score, mean_std
+from emo.models import build_cost_embedding, load_causal_lm, load_tokenizer
+from emo.results import git_commit, hardware_info, new_run_id, package_versions, write_run
+from emo.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+NON_HF_TRAINER_KEYS = ("mixed_precision",)
+
+
+def precision_flags(mode: str) -> dict:
+    """`bf16`/`fp16` TrainingArguments flags: `auto` picks bf16, else fp16, on CUDA and fp32 on CPU."""
+    if mode == "auto":
+        if not torch.cuda.is_available():
+            mode = "no"
+        else:
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode not in ("bf16", "fp16", "no"):
+        raise ValueError(f"trainer.mixed_precision must be auto, bf16, fp16 or no; got {mode!r}")
+    if mode != "no" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.mixed_precision={mode} needs a CUDA GPU; use auto or no on CPU.")
+    return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
+
+
+def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: list[str], seed: int,
+                       run_name: str) -> transformers.TrainingArguments:
+    """TrainingArguments from a `conf/trainer/*.yaml` node (every key but `mixed_precision` is passed through)."""
+    options = OmegaConf.to_container(trainer_cfg, resolve=True)
+    precision = precision_flags(options.pop("mixed_precision"))
+    return transformers.TrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
+                                          run_name=run_name, **options, **precision)
+
+
+def objective_loss(cfg: DictConfig, model, device: torch.device):
+    """`ObjectiveLoss` for `cfg.objective`; builds the cost embedding (on `device`) only for objectives that use a
+    fixed one."""
+    from emo import get_objective
+    from emo.training import ADAPTIVE, ObjectiveLoss
+
+    name = cfg.objective.name
+    cost = None
+    if get_objective(name).needs_cost_embedding and name != ADAPTIVE:
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        cost = build_cost_embedding(cfg.model.cost_embedding, model, vocab_size).to(device)
+    kwargs = {} if cfg.objective.impl == "materialized" else {"impl": cfg.objective.impl}
+    return ObjectiveLoss(name, hparams=OmegaConf.to_container(cfg.objective.hparams, resolve=True),
+                         cost_embedding=cost, **kwargs)
+
+
+def _sha256_texts(texts) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one Track-1 job described by the composed config; returns the metrics written to metrics.json."""
+    started = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_id = cfg.run_id or new_run_id(cfg.data.name, cfg.objective.name, cfg.model.name)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    transformers.set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+    model = load_causal_lm(cfg.model, tokenizer)
+    texts = load_text_splits(cfg.data)
+    max_blocks = cfg.data.max_blocks or {}
+    blocks = {split: pack_blocks(texts[split], tokenizer, cfg.data.block_size, cfg.data.pack_batch_texts,
+                                 max_blocks=max_blocks.get(split))
+              for split in texts}
+    prompts = extract_prompts(texts["test"]["text"], **OmegaConf.to_container(cfg.data.prompts, resolve=True))
+    if not prompts:
+        raise DataError(f"Corpus '{cfg.data.name}': no test row passes the prompt filter {dict(cfg.data.prompts)}.")
+    log.info("%s: %s blocks, %d prompts", cfg.data.name, {s: len(b) for s, b in blocks.items()}, len(prompts))
+
+    tracker = make_tracker(cfg.tracker, run_name=run_id, config=resolved, directory=output_dir)
+    from emo.training import ObjectiveTrainer
+
+    args = training_arguments(cfg.trainer, output_dir=output_dir / "checkpoints", report_to=tracker.report_to,
+                              seed=cfg.seed, run_name=run_id)
+    trainer = ObjectiveTrainer(
+        model=model,
+        args=args,
+        objective_loss=objective_loss(cfg, model, args.device),
+        train_dataset=blocks["train"], eval_dataset=blocks["validation"],
+        data_collator=transformers.default_data_collator,
+    )
+    train_output = trainer.train()
+    validation = trainer.evaluate()
+    test = trainer.evaluate(eval_dataset=blocks["test"], metric_key_prefix="test")
+    train_seconds = time.time() - started
+
+    model = trainer.model
+    max_new_tokens = continuation_token_budget(tokenizer, prompts, quantile=cfg.generation.budget_quantile,
+                                               slack=cfg.generation.budget_slack)
+    seeds = [cfg.generation.base_seed + i for i in range(cfg.generation.num_seeds)]
+    featurizer = Featurizer(cfg.metrics.featurizer, max_text_length=cfg.metrics.max_text_length,
+                            batch_size=cfg.metrics.batch_size)
+    gold_features = featurizer([p.gold for p in prompts])
+    words = cfg.data.prompts.continuation_words
+    continuations, mauves, per_seed_div = {}, [], []
+    for seed in seeds:
+        samples = sample_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                       decoding=cfg.decoding, batch_size=cfg.generation.batch_size,
+                                       max_prompt_tokens=cfg.generation.max_prompt_tokens,
+                                       suppress_eos=cfg.generation.suppress_eos,
+                                       show_progress=not cfg.trainer.disable_tqdm)
+        continuations[seed] = samples
+        predictions = [f"{p.prefix} {truncate_words(s, words)}" for p, s in zip(prompts, samples, strict=True)]
+        score = mauve_score(gold_features, featurizer(predictions), kmeans_seeds=list(cfg.metrics.kmeans_seeds),
+                            mauve_options=OmegaConf.to_container(cfg.metrics.mauve, resolve=True))
+        mauves.append(score["mauve"])
+        per_seed_div.append(diversity([truncate_words(s, words) for s in samples], cfg.metrics.distinct_orders,
+                                      cfg.metrics.rep_orders))
+        log.info("seed %d: MAUVE %.4f", seed, score["mauve"])
+
+    metrics = {
+        "schema_version": SCHEMA_VERSION,
+        "experiment": cfg.experiment_name,
+        "run_id": run_id,
+        "objective": cfg.objective.name,
+        "corpus": cfg.data.name,
+        "model": cfg.model.name,
+        "decoding": cfg.decoding.name,
+        "featurizer": cfg.metrics.featurizer,
+        "num_prompts": len(prompts),
+        "sampling_seeds": seeds,
+        "max_new_tokens": max_new_tokens,
+        "mauve": mean_std(mauves),
+        "diversity": {key: mean_std([d[key] for d in per_seed_div]) for key in per_seed_div[0]},
+        "gold_diversity": diversity([p.continuation for p in prompts], cfg.metrics.distinct_orders,
+                                    cfg.metrics.rep_orders),
+        "eval_loss": validation["eval_loss"],
+        "eval_perplexity": math.exp(validation["eval_loss"]),
+        "test_loss": test["test_loss"],
+        "test_perplexity": math.exp(test["test_loss"]),
+        "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
+                  "best_checkpoint": trainer.state.best_model_checkpoint},
+        "seconds": {"train_and_eval": train_seconds, "total": time.time() - started},
+    }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "config": resolved,
+        "overrides": _hydra_overrides(),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "seeds": {"training": cfg.seed, "sampling": seeds, "mauve_kmeans": list(cfg.metrics.kmeans_seeds)},
+        "data_fingerprint": {"blocks_sha256": blocks_fingerprint(blocks),
+                             "prompts_sha256": _sha256_texts(p.gold for p in prompts),
+                             "rows": {s: len(t) for s, t in texts.items()},
+                             "blocks": {s: len(b) for s, b in blocks.items()}},
+        "hardware": hardware_info(),
+        "output_dir": str(output_dir),
+    }
+    generations = generation_records(prompts, continuations, words)
+    run_dir = write_run(cfg.paths.results_dir, cfg.experiment_name, run_id, metrics=metrics, manifest=manifest,
+                        generations=generations)
+    log.info("MAUVE %.4f ± %.4f, test ppl %.2f -> %s", metrics["mauve"]["mean"], metrics["mauve"]["std"],
+             metrics["test_perplexity"], run_dir)
+    tracker.log_metrics(flat_metrics(metrics))
+    tracker.log_table("summary", pd.DataFrame([{"objective": metrics["objective"], "corpus": metrics["corpus"],
+                                                **flat_metrics(metrics)}]))
+    tracker.log_table("samples", pd.DataFrame([g for g in generations if g["seed"] == seeds[0]]))
+    tracker.finish()
+    return metrics
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """Scalar view of metrics.json for trackers: `mauve`, `mauve_std`, `distinct_2`, `test_perplexity`, ..."""
+    flat = {"mauve": metrics["mauve"]["mean"], "mauve_std": metrics["mauve"]["std"]}
+    for key, value in metrics["diversity"].items():
+        flat[key] = value["mean"]
+    for key in ("eval_loss", "eval_perplexity", "test_loss", "test_perplexity"):
+        flat[key] = metrics[key]
+    return flat
