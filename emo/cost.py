@@ -89,6 +89,9 @@ def load_cost_embedding(source: Union[str, os.PathLike], vocab_size: Optional[in
     else:
         from transformers import AutoModelForCausalLM
 
+        from emo.hub import ensure_model_available
+
+        ensure_model_available("cost-embedding model", str(source), "Pass a local model directory or a weight file.")
         weight = AutoModelForCausalLM.from_pretrained(str(source)).get_output_embeddings().weight
     embedding = CostEmbedding(weight)
     if vocab_size is not None and embedding.vocab_size != vocab_size:
