@@ -16,7 +16,7 @@ import torch
 
 from emo.cost import CostEmbedding
 from emo.losses import (
-    _check_reduction,
+    check_reduction,
     check_targets,
     default_chunk_size,
     objective_chunk,
@@ -131,7 +131,7 @@ def linear_lm_loss(
     and values as ``lm_loss``; ignored tokens are dropped before the projection; computed in fp32 per chunk, with
     gradients for ``hidden``, ``lm_head_weight`` and ``lm_head_bias``. ``chunk_size`` is in tokens.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if hidden.dim() != 3 or not hidden.is_floating_point():
         raise ValueError(f"hidden must be a floating (batch, seq_len, hidden) tensor, got shape {tuple(hidden.shape)}")
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:

@@ -6,8 +6,8 @@ row-normalised cost embedding, then writes the exact logit gradient straight awa
 
     dz = a * (q - onehot(y)) + b * (q * d - q * emo),   d = 1 - S = cosine distance to the gold token
 
-where ``(a, b)`` are the objective's stop-gradient token weights (``emo.registry``). Ignored positions are dropped
-before any work, no ``N x V`` one-hot is ever built, and extra memory is one gradient buffer plus two chunk buffers.
+where ``(a, b)`` are the objective's stop-gradient token weights (``emo.registry``); ignored positions get zero
+weights. No ``N x V`` one-hot is ever built, and the extra memory is the gradient buffer plus one or two chunk buffers.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class _ObjectiveOnLogits(torch.autograd.Function):
         num_positions, vocab_size = flat_logits.shape
         values = flat_logits.new_empty(num_positions, dtype=torch.float32)
         grad = torch.empty_like(flat_logits) if with_grad else None
-        chunk_size = min(chunk_size, num_positions)
+        chunk_size = max(1, min(chunk_size, num_positions))
         in_place = with_grad and flat_logits.dtype == torch.float32
         work = None if in_place else flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32)
         scratch = flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32) if cost is not None else None
@@ -162,7 +162,8 @@ def resolve_objective(
     return spec, resolved, cost
 
 
-def _check_reduction(reduction: str) -> None:
+def check_reduction(reduction: str) -> None:
+    """Raise ``ValueError`` unless ``reduction`` is one of ``REDUCTIONS``."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
@@ -194,7 +195,7 @@ def lm_loss(
     objective's hyper-parameters (e.g. ``eta`` for MixCE). Computed in fp32; returns an fp32 scalar for ``mean``
     (``sum / count`` of valid tokens; 0 when all are ignored) and ``sum``, or ``(B, T - 1)`` values for ``none``.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating (batch, seq_len, vocab) tensor, got shape {tuple(logits.shape)}")
     if labels.dim() != 2 or labels.shape != logits.shape[:2] or labels.is_floating_point():
