@@ -35,3 +35,16 @@ lm-gpt2: install
 
 tables: install
 	$(PY) -m experiments.tables --experiment $(EXPERIMENT)
+
+# ---- The demo: tiny GPT-2 students of a synthetic oracle language (offline, CPU, a few minutes) ----
+# Exact forward/reverse KL and TVD from the oracle, MAUVE (MiniLM) and distinct-n per objective; see docs/demo.md.
+# One torch thread per process: the tiny models gain nothing from more, and lose a lot on a busy CPU.
+DEMO_OBJECTIVES ?= mle,mixce,tailr,emo
+DEMO_THREADS ?= 1
+
+.PHONY: demo
+
+demo: install
+	OMP_NUM_THREADS=$(DEMO_THREADS) HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled} \
+		$(PY) run.py -m experiment=demo objective=$(DEMO_OBJECTIVES) $(RUN_ARGS)
+	$(PY) -m experiments.demo

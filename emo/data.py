@@ -12,8 +12,11 @@ The splits are disjoint (the reference script evaluated on `train[:5%]` without 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -128,6 +131,40 @@ def _load_files(cfg: Mapping) -> dict[str, datasets.Dataset]:
     return out
 
 
+def materialize_oracle(cfg: Mapping) -> dict[str, str]:
+    """Write the oracle corpus and tokenizer of a `conf/data/oracle.yaml` node unless already there; return split paths.
+
+    The corpus goes to `cache_dir/<12 hex of sha256(oracle config + corpus sizes)>/` and the tokenizer to
+    `cfg.tokenizer`; both are written to a temporary directory first and renamed into place, so a directory that
+    exists is complete. Sampling is deterministic, so the files depend only on the config.
+    """
+    from emo.oracle import OracleLanguage, make_tokenizer, write_corpus
+
+    oracle = OracleLanguage(**cfg["oracle"])
+    corpus = dict(cfg["corpus"])
+    key = json.dumps({"oracle": oracle.config, "corpus": corpus}, sort_keys=True)
+    directory = Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:12]
+    _write_once(directory, lambda tmp: write_corpus(oracle, tmp, **corpus))
+    _write_once(Path(cfg["tokenizer"]), lambda tmp: make_tokenizer(oracle).save_pretrained(str(tmp)))
+    return {split: str(directory / f"{split}.txt") for split in SPLITS}
+
+
+def _write_once(directory: Path, write) -> None:
+    """`write(tmp_dir)` into a fresh sibling of `directory`, then rename it to `directory` (unless it appeared)."""
+    if directory.is_dir():
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        os.rename(tmp, directory)
+    except OSError:
+        if not directory.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def derive_missing_splits(splits: dict[str, datasets.Dataset], validation_fraction: float,
                           test_fraction: float) -> datasets.DatasetDict:
     """Fill in missing validation/test splits deterministically (see module docstring); splits stay disjoint."""
@@ -156,8 +193,9 @@ def _cap_rows(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 def load_text_splits(cfg: Mapping) -> datasets.DatasetDict:
     """Load a corpus described by a `conf/data/*.yaml` node into train/validation/test splits with a `text` column.
 
-    `cfg.source` is `hub` (`path`, optional `config_name`/`revision`) or `files` (`data_files` mapping split -> local
-    paths or URLs). Raises `DataError` for unreadable files, a missing text column or an empty split, and
+    `cfg.source` is `hub` (`path`, optional `config_name`/`revision`), `files` (`data_files` mapping split -> local
+    paths or URLs) or `oracle` (the synthetic corpus written by `materialize_oracle`). Raises `DataError` for
+    unreadable files, a missing text column or an empty split, and
     `emo.hub.OfflineError` (within seconds) when a remote corpus is requested offline.
     """
     source = cfg["source"]
@@ -165,8 +203,10 @@ def load_text_splits(cfg: Mapping) -> datasets.DatasetDict:
         splits = _load_hub(cfg)
     elif source == "files":
         splits = _load_files(cfg)
+    elif source == "oracle":
+        splits = _load_files({**cfg, "data_files": materialize_oracle(cfg)})
     else:
-        raise DataError(f"data.source must be 'hub' or 'files', got '{source}'.")
+        raise DataError(f"data.source must be 'hub', 'files' or 'oracle', got '{source}'.")
     if "train" not in splits:
         raise DataError(f"Corpus '{cfg['name']}' has no train split (found {sorted(splits)}).")
     dsd = derive_missing_splits(splits, cfg["validation_fraction"], cfg["test_fraction"])

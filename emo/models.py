@@ -26,6 +26,9 @@ def load_tokenizer(name_or_path: str, special_tokens: Mapping[str, str] | None =
     `special_tokens` (e.g. `{eos_token: "<|endoftext|>"}`) fills in roles a bare tokenizer.json does not declare.
     Pad = EOS when there is no pad token; left padding and left truncation (prompts keep their last tokens).
     """
+    if name_or_path is None:
+        raise ValueError("model.tokenizer is null: set it, or use a data config that provides data.tokenizer "
+                         "(data=oracle for model=oracle_gpt2).")
     _ensure_available("tokenizer", name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     for role, token in (special_tokens or {}).items():

@@ -2,7 +2,8 @@
 
 Steps: load corpus and pack blocks -> build model (+ cost embedding) -> `ObjectiveTrainer` (best checkpoint by
 validation cross-entropy) -> test perplexity -> `generation.num_seeds` sampling runs -> MAUVE against the gold texts
-(features computed once per text set) and diversity -> `results/<experiment>/<run-id>/`.
+(features computed once per text set) and diversity -> with `data=oracle`, exact distances from the oracle
+(`metrics.json` key `oracle`) -> `results/<experiment>/<run-id>/`.
 """
 
 from __future__ import annotations
@@ -65,9 +66,8 @@ def objective_loss(cfg: DictConfig, model, device: torch.device):
     if get_objective(name).needs_cost_embedding and name != ADAPTIVE:
         vocab_size = model.get_output_embeddings().weight.shape[0]
         cost = build_cost_embedding(cfg.model.cost_embedding, model, vocab_size).to(device)
-    kwargs = {} if cfg.objective.impl == "materialized" else {"impl": cfg.objective.impl}
     return ObjectiveLoss(name, hparams=OmegaConf.to_container(cfg.objective.hparams, resolve=True),
-                         cost_embedding=cost, **kwargs)
+                         cost_embedding=cost, impl=cfg.objective.impl)
 
 
 def _sha256_texts(texts) -> str:
@@ -92,9 +92,9 @@ def run(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     transformers.set_seed(cfg.seed)
 
+    texts = load_text_splits(cfg.data)  # first: data=oracle also writes the tokenizer the model config points at
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
     model = load_causal_lm(cfg.model, tokenizer)
-    texts = load_text_splits(cfg.data)
     max_blocks = cfg.data.max_blocks or {}
     blocks = {split: pack_blocks(texts[split], tokenizer, cfg.data.block_size, cfg.data.pack_batch_texts,
                                  max_blocks=max_blocks.get(split))
@@ -169,6 +169,11 @@ def run(cfg: DictConfig) -> dict:
                   "best_checkpoint": trainer.state.best_model_checkpoint},
         "seconds": {"train_and_eval": train_seconds, "total": time.time() - started},
     }
+    if cfg.data.source == "oracle":
+        metrics["oracle"] = oracle_metrics(model, tokenizer, cfg.data)
+        metrics["seconds"]["total"] = time.time() - started
+        log.info("oracle: forward KL %.4f, reverse KL %.4f, TVD %.4f", metrics["oracle"]["forward_kl"],
+                 metrics["oracle"]["reverse_kl"], metrics["oracle"]["tvd"])
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
@@ -197,11 +202,22 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
+def oracle_metrics(model, tokenizer, data_cfg: DictConfig) -> dict[str, float]:
+    """Exact distances of `model` from the synthetic oracle of a `data=oracle` config (`emo.oracle.exact_metrics`)."""
+    from emo.oracle import OracleLanguage, exact_metrics
+
+    oracle = OracleLanguage(**OmegaConf.to_container(data_cfg.oracle, resolve=True))
+    return exact_metrics(model, tokenizer, oracle, **OmegaConf.to_container(data_cfg.exact_metrics, resolve=True))
+
+
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    """Scalar view of metrics.json for trackers: `mauve`, `mauve_std`, `distinct_2`, `test_perplexity`, ..."""
+    """Scalar view of metrics.json for trackers: `mauve`, `mauve_std`, `distinct_2`, `test_perplexity`,
+    `oracle.forward_kl` (data=oracle), ..."""
     flat = {"mauve": metrics["mauve"]["mean"], "mauve_std": metrics["mauve"]["std"]}
     for key, value in metrics["diversity"].items():
         flat[key] = value["mean"]
     for key in ("eval_loss", "eval_perplexity", "test_loss", "test_perplexity"):
         flat[key] = metrics[key]
+    for key, value in metrics.get("oracle", {}).items():
+        flat[f"oracle.{key}"] = value
     return flat

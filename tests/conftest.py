@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -62,3 +63,12 @@ def compose_cfg():
             return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     return compose_
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as `make demo` runs (so numbers match across processes), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -151,3 +151,22 @@ def test_fused_trains_with_lora_on_attention(tmp_path):
     )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+
+
+@pytest.mark.slow
+def test_recipe_with_fused_impl_matches_materialized(compose_cfg, tmp_path, one_thread):
+    """`objective.impl=fused` through the Hydra recipe: same training losses and evaluation as `materialized`."""
+    from experiments.lm import run
+
+    metrics = {}
+    for impl in ("materialized", "fused"):
+        cfg = compose_cfg(
+            "experiment=demo_smoke", "objective=emo", f"objective.impl={impl}", "generation.num_seeds=1",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"paths.results_dir={tmp_path / impl}",
+            f"paths.output_dir={tmp_path / impl / 'out'}",
+        )
+        metrics[impl] = run(cfg)
+    materialized, fused = metrics["materialized"], metrics["fused"]
+    assert fused["train"]["train_loss"] == pytest.approx(materialized["train"]["train_loss"], rel=1e-4)
+    assert fused["test_loss"] == pytest.approx(materialized["test_loss"], rel=1e-4)
+    assert fused["oracle"]["forward_kl"] == pytest.approx(materialized["oracle"]["forward_kl"], rel=1e-3)

@@ -1,0 +1,137 @@
+"""The `make demo` report: `python -m experiments.demo` after `python run.py -m experiment=demo objective=...`.
+
+Reads the latest run per objective of the demo experiment (runs on `data=oracle`, whose metrics.json has an `oracle`
+section), prints the comparison table and writes `<results>/tables/demo.{md,csv,png}`: per objective the exact
+per-token forward KL(oracle||model), reverse KL(model||oracle) and TVD on held-out oracle text, the model's
+perplexity there, MAUVE (mean ± std over sampling seeds) of its samples vs held-out oracle text, and the distinct-n
+of its samples. A last row shows the oracle itself (KL = TVD = 0, its own perplexity, the gold texts' distinct-n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from emo.results import load_runs
+from experiments.tables import OBJECTIVE_ORDER, latest_runs
+
+ORACLE_ROW = "oracle (reference)"
+COLUMNS = {  # column -> (read from metrics.json, higher is better (None: not ranked), decimals)
+    "forward KL ↓": (lambda m: m["oracle"]["forward_kl"], False, 3),
+    "reverse KL ↓": (lambda m: m["oracle"]["reverse_kl"], False, 3),
+    "TVD ↓": (lambda m: m["oracle"]["tvd"], False, 3),
+    "MAUVE ↑": (lambda m: m["mauve"]["mean"], True, 3),
+    "perplexity ↓": (lambda m: m["oracle"]["perplexity"], False, 1),
+}
+MAUVE_STD = "MAUVE std"
+
+
+def _distinct_keys(runs: Sequence[dict]) -> list[str]:
+    return sorted(k for k in runs[0]["diversity"] if k.startswith("distinct_"))
+
+
+def demo_table(runs: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`(values, cells)` for oracle runs: numbers, and strings with the best objective per ranked column in bold."""
+    frame = latest_runs([r for r in runs if "oracle" in r])
+    if frame.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    records = {r["row"]: r for r in frame.to_dict("records")}
+    rank = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
+    rows = sorted(records, key=lambda r: (rank.get(r, len(rank)), r))
+    distinct = _distinct_keys(list(records.values()))
+    values = pd.DataFrame(index=[*rows, ORACLE_ROW], dtype=float)
+    for column, (read, _, _) in COLUMNS.items():
+        values[column] = [read(records[r]) for r in rows] + [float("nan")]
+    values[MAUVE_STD] = [records[r]["mauve"]["std"] for r in rows] + [float("nan")]
+    for key in distinct:
+        values[key.replace("_", "-")] = [records[r]["diversity"][key]["mean"] for r in rows] + [
+            records[rows[0]]["gold_diversity"][key]]
+    oracle = records[rows[0]]["oracle"]
+    values.loc[ORACLE_ROW, ["forward KL ↓", "reverse KL ↓", "TVD ↓"]] = 0.0
+    values.loc[ORACLE_ROW, "perplexity ↓"] = math.exp(oracle["oracle_cross_entropy"])
+
+    cells = pd.DataFrame("–", index=values.index, columns=[c for c in values.columns if c != MAUVE_STD])
+    for column in cells.columns:
+        _, higher_better, decimals = COLUMNS.get(column, (None, None, 3))
+        for row in values.index:
+            value = values.loc[row, column]
+            if pd.isna(value):
+                continue
+            cells.loc[row, column] = f"{value:.{decimals}f}"
+            if column == "MAUVE ↑":
+                cells.loc[row, column] += f" ± {values.loc[row, MAUVE_STD]:.{decimals}f}"
+        if higher_better is not None:
+            ranked = values.loc[rows, column]
+            best = ranked.max() if higher_better else ranked.min()
+            for row in rows:
+                if ranked[row] == best:
+                    cells.loc[row, column] = f"**{cells.loc[row, column]}**"
+    values.index.name = cells.index.name = "objective"
+    return values, cells
+
+
+def plot(values: pd.DataFrame, path: Path) -> None:
+    """Bar chart: one panel per exact metric and MAUVE (± std), one bar per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objectives = [r for r in values.index if r != ORACLE_ROW]
+    panels = ["forward KL ↓", "reverse KL ↓", "TVD ↓", "MAUVE ↑"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    colors = [f"C{i}" for i in range(len(objectives))]
+    for ax, column in zip(axes, panels, strict=True):
+        errors = values.loc[objectives, MAUVE_STD] if column == "MAUVE ↑" else None
+        ax.bar(objectives, values.loc[objectives, column], yerr=errors, color=colors, capsize=3)
+        ax.set_title(column.replace("↓", "(lower is better)").replace("↑", "(higher is better)"), fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        if column == "MAUVE ↑":
+            low = float((values.loc[objectives, column] - values.loc[objectives, MAUVE_STD]).min())
+            ax.set_ylim(max(0.0, low - 0.05), 1.005)
+    fig.suptitle("Students of the synthetic oracle language: exact distances and MAUVE", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_demo_report(results_dir: str | Path, experiment: str = "demo") -> dict[str, Path] | None:
+    """Write `<results_dir>/tables/<experiment>.{md,csv,png}`; returns their paths, or None without oracle runs."""
+    values, cells = demo_table(load_runs(results_dir, experiment))
+    if cells.empty:
+        return None
+    out_dir = Path(results_dir) / "tables"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {suffix: out_dir / f"{experiment}.{suffix}" for suffix in ("md", "csv", "png")}
+    paths["md"].write_text(
+        f"Experiment {experiment}: students of the synthetic oracle language. Exact per-token distances on held-out "
+        "oracle text (forward KL = recall/coverage, reverse KL = precision), the student's perplexity there, MAUVE "
+        "(mean ± std over sampling seeds) of samples vs held-out oracle text, distinct-n of samples; best in bold.\n\n"
+        f"{cells.to_markdown(disable_numparse=True)}\n")
+    values.to_csv(paths["csv"])
+    plot(values, paths["png"])
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: write the demo table and chart, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", default=os.environ.get("EMO_RESULTS_DIR", "results"))
+    parser.add_argument("--experiment", default="demo")
+    args = parser.parse_args(argv)
+    paths = write_demo_report(args.results_dir, args.experiment)
+    if paths is None:
+        print(f"No oracle runs found under {args.results_dir}/{args.experiment}.")
+        return 1
+    print(paths["md"].read_text())
+    print("Written:", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
