@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from emo.results import load_runs
-from experiments.tables import OBJECTIVE_ORDER, latest_runs
+from experiments.tables import OBJECTIVE_ORDER, bold_best, latest_runs
 
 ORACLE_ROW = "oracle (reference)"
 COLUMNS = {  # column -> (read from metrics.json, higher is better (None: not ranked), decimals)
@@ -66,11 +66,7 @@ def demo_table(runs: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             if column == "MAUVE ↑":
                 cells.loc[row, column] += f" ± {values.loc[row, MAUVE_STD]:.{decimals}f}"
         if higher_better is not None:
-            ranked = values.loc[rows, column]
-            best = ranked.max() if higher_better else ranked.min()
-            for row in rows:
-                if ranked[row] == best:
-                    cells.loc[row, column] = f"**{cells.loc[row, column]}**"
+            bold_best(cells, column, values.loc[rows, column], higher_better)
     values.index.name = cells.index.name = "objective"
     return values, cells
 

@@ -42,6 +42,14 @@ def latest_runs(runs: list[dict]) -> pd.DataFrame:
     return frame
 
 
+def bold_best(cells: pd.DataFrame, column: str, numbers: pd.Series, higher_better: bool) -> None:
+    """Wrap in `**` the cells of `column` whose number (indexed like the rows of `numbers`) is the best."""
+    best = numbers.max() if higher_better else numbers.min()
+    for row in numbers.index:
+        if numbers[row] == best:
+            cells.loc[row, column] = f"**{cells.loc[row, column]}**"
+
+
 def build_table(runs: list[dict], name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`(values, cells)`: numbers (rows x `<corpus> mean`/`<corpus> std`) and `mean ± std` strings with `**best**`."""
     read, higher_better, decimals = TABLES[name]
@@ -56,11 +64,7 @@ def build_table(runs: list[dict], name: str) -> tuple[pd.DataFrame, pd.DataFrame
         values.loc[row, f"{col} mean"], values.loc[row, f"{col} std"] = mean, std
         cells.loc[row, col] = f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
     for col in cols:
-        means = values[f"{col} mean"]
-        best = means.max() if higher_better else means.min()
-        for row in rows:
-            if means[row] == best:
-                cells.loc[row, col] = f"**{cells.loc[row, col]}**"
+        bold_best(cells, col, values[f"{col} mean"], higher_better)
     values.index.name = cells.index.name = "objective"
     return values, cells
 
