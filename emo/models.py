@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -77,6 +76,4 @@ def build_cost_embedding(cost_source: str | None, model: torch.nn.Module, vocab_
 
     if cost_source is None:
         return cost_embedding_from_model(model)
-    if not Path(str(cost_source)).exists():
-        _ensure_available("cost-embedding model", str(cost_source))
     return load_cost_embedding(str(cost_source), vocab_size)

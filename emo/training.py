@@ -141,6 +141,7 @@ class ObjectiveTrainer(Trainer):
             _unwrap(model).loss_type = "ForCausalLM"
         super().__init__(*args, compute_loss_func=self._loss_for_mode, **kwargs)
         self.objective_loss = objective_loss
+        self._captured_hidden = None
         if objective_loss.model is None:
             objective_loss.model = self.model
 
@@ -160,7 +161,7 @@ class ObjectiveTrainer(Trainer):
             self._captured_hidden = None
 
     def _loss_for_mode(self, outputs, labels, num_items_in_batch=None):
-        if getattr(self, "_captured_hidden", None):
+        if self._captured_hidden:
             head = _unwrap(self.model).get_output_embeddings()
             return self.objective_loss.from_hidden(self._captured_hidden[-1], head, labels, num_items_in_batch)
         objective = None if self.model.training else "mle"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from emo.results import load_runs
-from experiments.tables import OBJECTIVE_ORDER, bold_best, latest_runs
+from experiments.tables import OBJECTIVE_ORDER, bold_best, latest_runs, ordered
 
 ORACLE_ROW = "oracle (reference)"
 COLUMNS = {  # column -> (read from metrics.json, higher is better (None: not ranked), decimals)
@@ -41,8 +41,7 @@ def demo_table(runs: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if frame.empty:
         return pd.DataFrame(), pd.DataFrame()
     records = {r["row"]: r for r in frame.to_dict("records")}
-    rank = {name: i for i, name in enumerate(OBJECTIVE_ORDER)}
-    rows = sorted(records, key=lambda r: (rank.get(r, len(rank)), r))
+    rows = ordered(records, OBJECTIVE_ORDER)
     distinct = _distinct_keys(list(records.values()))
     values = pd.DataFrame(index=[*rows, ORACLE_ROW], dtype=float)
     for column, (read, _, _) in COLUMNS.items():

@@ -26,7 +26,8 @@ TABLES = {  # name -> (how to read (mean, std) from metrics.json, higher is bett
 }
 
 
-def _order(values, preferred: Sequence[str]) -> list[str]:
+def ordered(values, preferred: Sequence[str]) -> list[str]:
+    """Distinct `values` in `preferred` order (by the part after the last ' / '), unknown ones last, by name."""
     rank = {name: i for i, name in enumerate(preferred)}
     return sorted(set(values), key=lambda v: (rank.get(v.split(" / ")[-1], len(rank)), v))
 
@@ -57,7 +58,7 @@ def build_table(runs: list[dict], name: str) -> tuple[pd.DataFrame, pd.DataFrame
     if frame.empty:
         return pd.DataFrame(), pd.DataFrame()
     stats = {(r["row"], r["corpus"]): read(r) for r in frame.to_dict("records")}
-    rows, cols = _order(frame["row"], OBJECTIVE_ORDER), _order(frame["corpus"], CORPUS_ORDER)
+    rows, cols = ordered(frame["row"], OBJECTIVE_ORDER), ordered(frame["corpus"], CORPUS_ORDER)
     values = pd.DataFrame(index=rows, columns=[f"{c} {s}" for c in cols for s in ("mean", "std")], dtype=float)
     cells = pd.DataFrame("–", index=rows, columns=cols)
     for (row, col), (mean, std) in stats.items():
