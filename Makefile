@@ -37,7 +37,7 @@ tables: install
 	$(PY) -m experiments.tables --experiment $(EXPERIMENT)
 
 # ---- The demo: tiny GPT-2 students of a synthetic oracle language (offline, CPU, a few minutes) ----
-# Exact forward/reverse KL and TVD from the oracle, MAUVE (MiniLM) and distinct-n per objective; see docs/demo.md.
+# Exact forward/reverse KL and TVD from the oracle, MAUVE (MiniLM) and distinct-n per objective.
 # One torch thread per process: the tiny models gain nothing from more, and lose a lot on a busy CPU.
 DEMO_OBJECTIVES ?= mle,mixce,tailr,emo
 DEMO_THREADS ?= 1

@@ -1,23 +1,19 @@
 """Baseline objectives as detached per-token weights on the token NLL (see ``emo.registry``).
 
 Each returns ``(value, a, None)``: the loss is ``a * nll`` with ``a`` a stop-gradient weight that depends only on the
-model's probability of the gold token, ``p = exp(-nll)``.
+model's probability of the gold token, ``p = exp(-nll)``. Plain formulas: ``emo.registry`` registers them.
 """
 from __future__ import annotations
 
 import torch
 
-from emo.registry import register_objective
 
-
-@register_objective("mle")
 def mle(nll: torch.Tensor, p_target: torch.Tensor, emo: None):
     """Maximum likelihood: token cross-entropy, ``loss = nll``."""
     weight = torch.ones_like(nll)
     return nll, weight, None
 
 
-@register_objective("mixce")
 def mixce(nll: torch.Tensor, p_target: torch.Tensor, emo: None, *, eta: float = 0.1):
     """MixCE (Zhang et al., ACL 2023), the official token-level approximation.
 
@@ -28,7 +24,6 @@ def mixce(nll: torch.Tensor, p_target: torch.Tensor, emo: None, *, eta: float = 
     return weight * nll, weight, None
 
 
-@register_objective("tailr")
 def tailr(nll: torch.Tensor, p_target: torch.Tensor, emo: None, *, gamma: float = 0.5, min_weight: float = 0.2):
     """TaiLr (Ji et al., ICLR 2023): total-variation-guided weighting of the NLL.
 
@@ -39,7 +34,6 @@ def tailr(nll: torch.Tensor, p_target: torch.Tensor, emo: None, *, gamma: float 
     return weight * nll, weight, None
 
 
-@register_objective("tvd")
 def tvd(nll: torch.Tensor, p_target: torch.Tensor, emo: None, *, mixing_ratio: float = 0.5):
     """The DRSY/EMO repository's TaiLr variant (``language_modeling/gpt2.py`` mode ``tvd``).
 

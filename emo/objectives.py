@@ -11,8 +11,6 @@ from typing import Optional
 
 import torch
 
-from emo.registry import register_objective
-
 RATIO_EPS = 1e-10
 
 
@@ -28,23 +26,29 @@ def _mode2(nll: torch.Tensor, emo: torch.Tensor):
     return ratio * nll + emo, ratio, torch.ones_like(emo)
 
 
-@register_objective("emo", needs_cost_embedding=True)
-def emo_mode1(nll: torch.Tensor, p_target: torch.Tensor, emo: torch.Tensor, *, max_ratio: Optional[float] = 3.0):
-    """EMOLoss mode 1 (weighted towards MLE): ``0.5 * (nll + min(sg(nll / emo), max_ratio) * emo)``.
+def emo_mode1(
+    nll: torch.Tensor, p_target: torch.Tensor, emo: torch.Tensor, *, max_ratio: Optional[float] = 3.0, gt_q: bool = False
+):
+    """EMO mode 1 (weighted towards MLE): ``0.5 * (nll + min(sg(nll / emo), max_ratio) * emo)``.
 
-    While the clamp is inactive the value equals ``nll``; the gradient is ``0.5 dnll + 0.5 (nll/emo) demo``.
-    ``max_ratio=None`` drops the clamp (the form used by the EMO repository's GPT-2 and instruction-tuning code).
+    The defaults are ``EMOLoss==0.0.3`` mode 1. While the clamp is inactive the value equals ``nll``; the gradient is
+    ``0.5 dnll + 0.5 (nll/emo) demo``. ``max_ratio=None`` drops the clamp (the EMO repository's GPT-2 and
+    instruction-tuning code). ``gt_q=True`` is the repository's "gt_q" trick with a fixed cost embedding: the
+    transport term seen by the stop-gradient weights becomes ``emo + sg(q[y])`` (the gold mass is subtracted from the
+    model distribution, detached, before transport); its gradient is unchanged.
     """
-    return _mode1(nll, emo, max_ratio)
+    return _mode1(nll, emo + p_target if gt_q else emo, max_ratio)
 
 
-@register_objective("emo2", needs_cost_embedding=True)
-def emo_mode2(nll: torch.Tensor, p_target: torch.Tensor, emo: torch.Tensor):
-    """EMOLoss mode 2 (weighted towards EMO): ``sg(emo / nll) * nll + emo``; its value is ``2 * emo``."""
-    return _mode2(nll, emo)
+def emo_mode2(nll: torch.Tensor, p_target: torch.Tensor, emo: torch.Tensor, *, gt_q: bool = False):
+    """EMO mode 2 (weighted towards EMO): ``sg(emo / nll) * nll + emo``; its value is ``2 * emo``.
+
+    The defaults are ``EMOLoss==0.0.3`` mode 2; ``gt_q=True`` uses ``emo + sg(q[y])`` in place of ``emo`` (value and
+    ratio), as the repository's continual fine-tuning code does; the gradient of the transport term is unchanged.
+    """
+    return _mode2(nll, emo + p_target if gt_q else emo)
 
 
-@register_objective("adaptive_emo", needs_cost_embedding=True)
 def adaptive_emo(
     nll: torch.Tensor, p_target: torch.Tensor, emo: torch.Tensor, *, mode: int = 1, max_ratio: Optional[float] = None
 ):

@@ -9,23 +9,35 @@ gradient ``a_t * dnll_t/dz + b_t * demo_t/dz`` analytically, so no objective nee
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from typing import Callable, Optional
 
 import torch
 
+import baselines.objectives as baselines
+import emo.objectives as emo_objectives
+
 TokenWeights = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+
+
+COST_SOURCES = ("none", "fixed", "live_head")
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A named objective: its per-token weight function and whether it needs a cost embedding."""
+    """A named objective: its per-token weight function, hyper-parameter defaults, and where its cost embedding
+    comes from: ``none`` (no transport term), ``fixed`` (a frozen matrix given once, e.g. a copy of the initial LM
+    head) or ``live_head`` (the model's current LM head, detached at every step)."""
 
     name: str
     weights: Callable[..., TokenWeights]
-    needs_cost_embedding: bool
+    cost_source: str
     defaults: dict
+
+    @property
+    def needs_cost_embedding(self) -> bool:
+        """True when the objective has a transport term (``cost_source`` is not ``none``)."""
+        return self.cost_source != "none"
 
     def resolve_hparams(self, hparams: dict) -> dict:
         """Return the objective's defaults updated by ``hparams``; unknown names raise ``TypeError``."""
@@ -39,11 +51,14 @@ class Objective:
 _OBJECTIVES: dict[str, Objective] = {}
 
 
-def register_objective(name: str, *, needs_cost_embedding: bool = False):
+def register_objective(name: str, *, cost_source: str = "none"):
     """Decorator registering ``fn(nll, p_target, emo, **hparams) -> (value, a, b)`` under ``name``.
 
-    Keyword-only parameters of ``fn`` with defaults are the objective's hyper-parameters.
+    Keyword-only parameters of ``fn`` with defaults are the objective's hyper-parameters; ``cost_source`` is one of
+    ``COST_SOURCES``.
     """
+    if cost_source not in COST_SOURCES:
+        raise ValueError(f"cost_source must be one of {COST_SOURCES}, got {cost_source!r}")
 
     def decorate(fn):
         if name in _OBJECTIVES:
@@ -53,27 +68,32 @@ def register_objective(name: str, *, needs_cost_embedding: bool = False):
             for p in inspect.signature(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        _OBJECTIVES[name] = Objective(name, fn, needs_cost_embedding, defaults)
+        _OBJECTIVES[name] = Objective(name, fn, cost_source, defaults)
         return fn
 
     return decorate
 
 
-def _load_builtin_objectives() -> None:
-    importlib.import_module("baselines.objectives")
-    importlib.import_module("emo.objectives")
-
-
 def objective_names() -> tuple[str, ...]:
     """Names of all registered objectives, in registration order."""
-    _load_builtin_objectives()
     return tuple(_OBJECTIVES)
 
 
 def get_objective(name: str) -> Objective:
     """Look up an objective by name; an unknown name raises ``ValueError`` listing the valid ones."""
-    _load_builtin_objectives()
     try:
         return _OBJECTIVES[name]
     except KeyError:
         raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(_OBJECTIVES)}") from None
+
+
+for _name, _weights, _cost_source in (
+    ("mle", baselines.mle, "none"),
+    ("mixce", baselines.mixce, "none"),
+    ("tailr", baselines.tailr, "none"),
+    ("tvd", baselines.tvd, "none"),
+    ("emo", emo_objectives.emo_mode1, "fixed"),
+    ("emo2", emo_objectives.emo_mode2, "fixed"),
+    ("adaptive_emo", emo_objectives.adaptive_emo, "live_head"),
+):
+    register_objective(_name, cost_source=_cost_source)(_weights)

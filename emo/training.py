@@ -17,7 +17,6 @@ from emo.fused import linear_lm_loss
 from emo.losses import lm_loss
 from emo.registry import get_objective
 
-ADAPTIVE = "adaptive_emo"
 IMPLEMENTATIONS = ("materialized", "fused")
 
 
@@ -26,7 +25,7 @@ class ObjectiveLoss:
 
     ``cost_embedding``: a ``CostEmbedding`` or ``(V, width)`` tensor for the EMO objectives (build it with
     ``emo.cost_embedding_from_model``). ``adaptive_emo`` instead reads the current LM head of ``model`` at every
-    call, detached. ``hparams`` are the objective's hyper-parameters. ``impl="fused"`` makes ``ObjectiveTrainer``
+    call, detached (objectives whose registry ``cost_source`` is ``live_head``). ``hparams`` are the objective's hyper-parameters. ``impl="fused"`` makes ``ObjectiveTrainer``
     stop the model's forward at the last hidden state during training and compute the loss with
     ``emo.linear_lm_loss`` (no ``N x V`` logits); evaluation and generation are unchanged.
     """
@@ -45,6 +44,7 @@ class ObjectiveLoss:
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
         spec = get_objective(objective)
+        self.live_head = spec.cost_source == "live_head"
         self.impl = impl
         self.objective = objective
         self.hparams = spec.resolve_hparams(dict(hparams or {}))
@@ -52,17 +52,17 @@ class ObjectiveLoss:
         self.chunk_size = chunk_size
         self.model = model
         self.cost_embedding = None
-        if objective != ADAPTIVE and spec.needs_cost_embedding:
+        if spec.cost_source == "fixed":
             if cost_embedding is None:
                 raise ValueError(f"objective {objective!r} needs a cost embedding (emo.cost_embedding_from_model)")
             self.cost_embedding = CostEmbedding.wrap(cost_embedding)
 
     def current_cost_embedding(self) -> Optional[CostEmbedding]:
-        """The cost embedding for this step: the fixed one, or for ``adaptive_emo`` the live head, detached."""
-        if self.objective != ADAPTIVE:
+        """The cost embedding for this step: the fixed one, or for a ``live_head`` objective the current head, detached."""
+        if not self.live_head:
             return self.cost_embedding
         if self.model is None:
-            raise ValueError("adaptive_emo reads the model's current LM head: pass model= to ObjectiveLoss")
+            raise ValueError(f"{self.objective} reads the model's current LM head: pass model= to ObjectiveLoss")
         return CostEmbedding(_unwrap(self.model).get_output_embeddings().weight, validate=False)
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None, *, objective: Optional[str] = None):

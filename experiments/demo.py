@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from emo.results import load_runs
+from experiments.pipeline.records import load_runs
 from experiments.tables import OBJECTIVE_ORDER, bold_best, latest_runs, ordered
 
 ORACLE_ROW = "oracle (reference)"

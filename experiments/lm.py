@@ -8,79 +8,25 @@ validation cross-entropy) -> test perplexity -> `generation.num_seeds` sampling 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from emo.data import DataError, blocks_fingerprint, load_text_splits, pack_blocks
-from emo.generation import (continuation_token_budget, extract_prompts, generation_records, sample_continuations,
+from experiments.pipeline.data import DataError, blocks_fingerprint, load_text_splits, pack_blocks
+from experiments.pipeline.generation import (continuation_token_budget, extract_prompts, generation_records, sample_continuations,
                             truncate_words)
-from emo.metrics import Featurizer, diversity, mauve_score, mean_std
-from emo.models import build_cost_embedding, load_causal_lm, load_tokenizer
-from emo.results import git_commit, hardware_info, new_run_id, package_versions, write_run
-from emo.tracking import make_tracker
+from experiments.pipeline.metrics import Featurizer, diversity, mauve_score, mean_std
+from experiments.pipeline.models import load_causal_lm, load_tokenizer
+from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, new_run_id, sha256_texts, write_run
+from experiments.pipeline.tracking import make_tracker
+from experiments.pipeline.training import build_trainer, resume_checkpoint
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-NON_HF_TRAINER_KEYS = ("mixed_precision",)
-
-
-def precision_flags(mode: str) -> dict:
-    """`bf16`/`fp16` TrainingArguments flags: `auto` picks bf16, else fp16, on CUDA and fp32 on CPU."""
-    if mode == "auto":
-        if not torch.cuda.is_available():
-            mode = "no"
-        else:
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if mode not in ("bf16", "fp16", "no"):
-        raise ValueError(f"trainer.mixed_precision must be auto, bf16, fp16 or no; got {mode!r}")
-    if mode != "no" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.mixed_precision={mode} needs a CUDA GPU; use auto or no on CPU.")
-    return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
-
-
-def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: list[str], seed: int,
-                       run_name: str) -> transformers.TrainingArguments:
-    """TrainingArguments from a `conf/trainer/*.yaml` node (every key but `mixed_precision` is passed through)."""
-    options = OmegaConf.to_container(trainer_cfg, resolve=True)
-    precision = precision_flags(options.pop("mixed_precision"))
-    return transformers.TrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
-                                          run_name=run_name, **options, **precision)
-
-
-def objective_loss(cfg: DictConfig, model, device: torch.device):
-    """`ObjectiveLoss` for `cfg.objective`; builds the cost embedding (on `device`) only for objectives that use a
-    fixed one."""
-    from emo import get_objective
-    from emo.training import ADAPTIVE, ObjectiveLoss
-
-    name = cfg.objective.name
-    cost = None
-    if get_objective(name).needs_cost_embedding and name != ADAPTIVE:
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        cost = build_cost_embedding(cfg.model.cost_embedding, model, vocab_size).to(device)
-    return ObjectiveLoss(name, hparams=OmegaConf.to_container(cfg.objective.hparams, resolve=True),
-                         cost_embedding=cost, impl=cfg.objective.impl)
-
-
-def _sha256_texts(texts) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")
-    return digest.hexdigest()
-
-
-def _hydra_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def run(cfg: DictConfig) -> dict:
@@ -105,18 +51,10 @@ def run(cfg: DictConfig) -> dict:
     log.info("%s: %s blocks, %d prompts", cfg.data.name, {s: len(b) for s, b in blocks.items()}, len(prompts))
 
     tracker = make_tracker(cfg.tracker, run_name=run_id, config=resolved, directory=output_dir)
-    from emo.training import ObjectiveTrainer
-
-    args = training_arguments(cfg.trainer, output_dir=output_dir / "checkpoints", report_to=tracker.report_to,
-                              seed=cfg.seed, run_name=run_id)
-    trainer = ObjectiveTrainer(
-        model=model,
-        args=args,
-        objective_loss=objective_loss(cfg, model, args.device),
-        train_dataset=blocks["train"], eval_dataset=blocks["validation"],
-        data_collator=transformers.default_data_collator,
-    )
-    train_output = trainer.train()
+    checkpoints = output_dir / "checkpoints"
+    trainer = build_trainer(cfg, model, output_dir=checkpoints, run_name=run_id, report_to=tracker.report_to,
+                            train_dataset=blocks["train"], eval_dataset=blocks["validation"])
+    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(checkpoints))
     validation = trainer.evaluate()
     test = trainer.evaluate(eval_dataset=blocks["test"], metric_key_prefix="test")
     train_seconds = time.time() - started
@@ -149,7 +87,9 @@ def run(cfg: DictConfig) -> dict:
         "schema_version": SCHEMA_VERSION,
         "experiment": cfg.experiment_name,
         "run_id": run_id,
-        "objective": cfg.objective.name,
+        "objective": cfg.objective.label,
+        "objective_name": cfg.objective.name,
+        "objective_hparams": OmegaConf.to_container(cfg.objective.hparams, resolve=True),
         "corpus": cfg.data.name,
         "model": cfg.model.name,
         "decoding": cfg.decoding.name,
@@ -174,24 +114,16 @@ def run(cfg: DictConfig) -> dict:
         metrics["seconds"]["total"] = time.time() - started
         log.info("oracle: forward KL %.4f, reverse KL %.4f, TVD %.4f", metrics["oracle"]["forward_kl"],
                  metrics["oracle"]["reverse_kl"], metrics["oracle"]["tvd"])
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "config": resolved,
-        "overrides": _hydra_overrides(),
-        "git_commit": git_commit(),
-        "packages": package_versions(),
-        "seeds": {"training": cfg.seed, "sampling": seeds, "mauve_kmeans": list(cfg.metrics.kmeans_seeds)},
-        "data_fingerprint": {"blocks_sha256": blocks_fingerprint(blocks),
-                             "prompts_sha256": _sha256_texts(p.gold for p in prompts),
-                             "rows": {s: len(t) for s, t in texts.items()},
-                             "blocks": {s: len(b) for s, b in blocks.items()}},
-        "hardware": hardware_info(),
-        "output_dir": str(output_dir),
-    }
+    manifest = build_manifest(
+        cfg, run_id=run_id, output_dir=output_dir,
+        seeds={"training": cfg.seed, "sampling": seeds, "mauve_kmeans": list(cfg.metrics.kmeans_seeds)},
+        data_fingerprint={"blocks_sha256": blocks_fingerprint(blocks),
+                          "prompts_sha256": sha256_texts(p.gold for p in prompts),
+                          "rows": {s: len(t) for s, t in texts.items()},
+                          "blocks": {s: len(b) for s, b in blocks.items()}})
     generations = generation_records(prompts, continuations, words)
     run_dir = write_run(cfg.paths.results_dir, cfg.experiment_name, run_id, metrics=metrics, manifest=manifest,
-                        generations=generations)
+                        jsonl={"generations.jsonl": generations})
     log.info("MAUVE %.4f ± %.4f, test ppl %.2f -> %s", metrics["mauve"]["mean"], metrics["mauve"]["std"],
              metrics["test_perplexity"], run_dir)
     tracker.log_metrics(flat_metrics(metrics))
@@ -203,8 +135,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def oracle_metrics(model, tokenizer, data_cfg: DictConfig) -> dict[str, float]:
-    """Exact distances of `model` from the synthetic oracle of a `data=oracle` config (`emo.oracle.exact_metrics`)."""
-    from emo.oracle import OracleLanguage, exact_metrics
+    """Exact distances of `model` from the synthetic oracle of a `data=oracle` config (`experiments.pipeline.oracle.exact_metrics`)."""
+    from experiments.pipeline.oracle import OracleLanguage, exact_metrics
 
     oracle = OracleLanguage(**OmegaConf.to_container(data_cfg.oracle, resolve=True))
     return exact_metrics(model, tokenizer, oracle, **OmegaConf.to_container(data_cfg.exact_metrics, resolve=True))

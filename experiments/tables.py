@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from emo.results import load_runs
+from experiments.pipeline.records import load_runs
 
 CORPUS_ORDER = ("wikitext2", "wikitext103", "webtext", "ptb", "writingprompts", "ag_news")
 OBJECTIVE_ORDER = ("mle", "mixce", "tailr", "tvd", "emo", "emo2", "adaptive_emo")
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def log_tables_to_wandb(project: str, results_dir: str | Path, experiment: str | None) -> None:
     """Log the formatted tables as `wandb.Table`s in one W&B run (honours WANDB_MODE)."""
-    from emo.tracking import WandbTracker
+    from experiments.pipeline.tracking import WandbTracker
 
     runs = [r for r in load_runs(results_dir, experiment) if "mauve" in r]
     tracker = WandbTracker(project=project, name=f"tables-{experiment or 'all'}", config={"experiment": experiment},

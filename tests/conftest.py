@@ -1,4 +1,4 @@
-"""Shared test setup: offline Hub, no W&B uploads, a throw-away datasets cache, and fixtures for the shared data."""
+"""Shared test setup: offline Hub, no W&B uploads, a throw-away datasets cache, and the repository's data fixtures."""
 
 import os
 import shutil
@@ -18,38 +18,40 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _DATASETS_CACHE = tempfile.mkdtemp(prefix="emo-test-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
-SHARED_DATA = Path(os.environ.get("EMO_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")).resolve()
-os.environ["EMO_SHARED_DATA"] = str(SHARED_DATA)
+DATA_DIR = REPO_ROOT / "data"
+os.environ["EMO_DATA_DIR"] = str(DATA_DIR)
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_DATASETS_CACHE, ignore_errors=True)
 
 
-def _require(path: Path) -> Path:
+def require_data(relative: str) -> Path:
+    """`data/<relative>` of the repository; a missing fixture fails the test (it is part of the repository)."""
+    path = DATA_DIR / relative
     if not path.exists():
-        pytest.skip(f"shared test data not found at {path} (set EMO_SHARED_DATA to the shared/data folder)")
+        pytest.fail(f"repository data fixture missing: {path} (restore it from git)")
     return path
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared offline data folder (`EMO_SHARED_DATA`, default `<repo>/../shared/data`); skips if absent."""
-    return _require(SHARED_DATA)
+def data_dir() -> Path:
+    """The repository's small offline data folder (`data/`)."""
+    return require_data("")
 
 
 @pytest.fixture(scope="session")
-def wikitext_dir(shared_data) -> Path:
-    """WikiText-2 raw (valid and test files only)."""
-    return _require(shared_data / "wikitext-2-raw-v1")
+def wikitext_dir() -> Path:
+    """The heads of WikiText-2 raw valid and test (`data/wikitext2`)."""
+    return require_data("wikitext2")
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer(shared_data):
-    """The real GPT-2 tokenizer from the shared data, prepared for sampling (pad = eos, left padding)."""
-    from emo.models import load_tokenizer
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer from `data/gpt2_tokenizer`, prepared for sampling (pad = eos, left padding)."""
+    from experiments.pipeline.models import load_tokenizer
 
-    path = _require(shared_data / "gpt2_tokenizer")
+    path = require_data("gpt2_tokenizer")
     return load_tokenizer(str(path), {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
 
 

@@ -6,7 +6,7 @@ import time
 import datasets
 import pytest
 
-from emo.data import DataError, blocks_fingerprint, derive_missing_splits, load_text_splits, pack_blocks
+from experiments.pipeline.data import DataError, blocks_fingerprint, derive_missing_splits, load_text_splits, pack_blocks
 from emo.hub import OfflineError
 
 BASE = {"name": "t", "source": "files", "text_column": "text", "validation_fraction": 0.05, "test_fraction": 0.5,
@@ -95,11 +95,11 @@ def test_pack_blocks_and_fingerprint(gpt2_tokenizer):
         pack_blocks(ds, gpt2_tokenizer, block_size=4096)
 
 
-def test_shared_wikitext_loads(wikitext_dir):
-    cfg = files_cfg(train=wikitext_dir / "wiki.valid.raw", test=wikitext_dir / "wiki.test.raw")
+def test_repository_wikitext_loads(wikitext_dir):
+    cfg = files_cfg(train=wikitext_dir / "wiki.valid.head1200.raw", test=wikitext_dir / "wiki.test.head1000.raw")
     cfg["max_rows"] = {"train": 500}
     dsd = load_text_splits(cfg)
-    assert len(dsd["train"]) == 500 and len(dsd["validation"]) > 0 and len(dsd["test"]) > 4000
+    assert len(dsd["train"]) == 500 and len(dsd["validation"]) > 0 and len(dsd["test"]) == 1000
     assert any("Robert Boulter" in t for t in dsd["test"]["text"][:10])
 
 

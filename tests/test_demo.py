@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from emo.data import load_text_splits, materialize_oracle
-from emo.models import load_tokenizer
+from experiments.pipeline.data import load_text_splits, materialize_oracle
+from experiments.pipeline.models import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_CORPUS = ("data.corpus.train_documents=120", "data.corpus.validation_documents=20",

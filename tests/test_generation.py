@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from emo.generation import (Prompt, continuation_token_budget, extract_prompts, generation_records,
+from experiments.pipeline.generation import (Prompt, continuation_token_budget, extract_prompts, generation_records,
                             sample_continuations, truncate_words)
 
 WORDS = " ".join(f"w{i}" for i in range(60))
@@ -81,7 +81,7 @@ def test_models_from_config_local_path_and_offline_hub(tmp_path, gpt2_tokenizer)
     import time
 
     from emo.hub import OfflineError
-    from emo.models import build_cost_embedding, load_causal_lm, load_tokenizer
+    from experiments.pipeline.models import build_cost_embedding, load_causal_lm, load_tokenizer
 
     spec = {"from_config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64}}
     model = load_causal_lm(spec, gpt2_tokenizer)

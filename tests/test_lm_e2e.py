@@ -36,7 +36,7 @@ def check_run(run_dir):
     return metrics, manifest
 
 
-def test_track1_tiny_all_objectives(tmp_path, compose_cfg, shared_data, monkeypatch):
+def test_track1_tiny_all_objectives(tmp_path, compose_cfg, data_dir, monkeypatch):
     results = tmp_path / "results"
     start = time.monotonic()
     fingerprints, mauve = set(), {}

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from emo.oracle import PERIOD_ID, OracleLanguage, OracleLM, exact_metrics, make_tokenizer, write_corpus
+from experiments.pipeline.oracle import PERIOD_ID, OracleLanguage, OracleLM, exact_metrics, make_tokenizer, write_corpus
 
 TINY = dict(vocab_size=16, num_states=6, sentence_length=4.0, sentences_per_document=2.0, smoothing=0.02)
 

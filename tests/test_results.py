@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from emo.results import git_commit, load_runs, new_run_id, package_versions, write_run
+from experiments.pipeline.records import git_commit, load_runs, new_run_id, package_versions, write_run
 from experiments.tables import build_table, main as tables_main, write_tables
 
 
@@ -14,24 +14,24 @@ def fake_metrics(objective, corpus, mauve, run_id, model="gpt2", ppl=30.0):
 
 
 def test_write_run_is_atomic_and_complete(tmp_path):
-    run_dir = write_run(tmp_path, "exp", "r1", metrics={"a": 1}, manifest={"b": 2}, generations=[{"x": 1}, {"x": 2}])
+    run_dir = write_run(tmp_path, "exp", "r1", metrics={"a": 1}, manifest={"b": 2}, jsonl={"generations.jsonl": [{"x": 1}, {"x": 2}]})
     assert sorted(p.name for p in run_dir.iterdir()) == ["generations.jsonl", "manifest.json", "metrics.json"]
     assert json.loads((run_dir / "metrics.json").read_text()) == {"a": 1}
     assert [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()] == [{"x": 1}, {"x": 2}]
     with pytest.raises(FileExistsError):
-        write_run(tmp_path, "exp", "r1", metrics={}, manifest={}, generations=[])
+        write_run(tmp_path, "exp", "r1", metrics={}, manifest={}, jsonl={"generations.jsonl": []})
 
     def failing():
         yield {"x": 1}
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        write_run(tmp_path, "exp", "r2", metrics={}, manifest={}, generations=failing())
+        write_run(tmp_path, "exp", "r2", metrics={}, manifest={}, jsonl={"generations.jsonl": failing()})
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["r1"]
 
 
 def test_load_runs_skips_incomplete(tmp_path):
-    write_run(tmp_path, "exp", "r1", metrics={"run_id": "r1"}, manifest={}, generations=[])
+    write_run(tmp_path, "exp", "r1", metrics={"run_id": "r1"}, manifest={}, jsonl={"generations.jsonl": []})
     (tmp_path / "exp" / ".r2.tmp").mkdir()
     (tmp_path / "exp" / "r3").mkdir()
     assert [r["run_id"] for r in load_runs(tmp_path)] == ["r1"]
@@ -55,7 +55,7 @@ def test_table_rows_columns_bold_and_latest(tmp_path):
 def test_tables_cli_writes_md_csv_tex(tmp_path, capsys):
     for i, (obj, corpus) in enumerate([("mle", "ptb"), ("emo", "ptb")]):
         write_run(tmp_path, "lm_gpt2", f"r{i}", metrics=fake_metrics(obj, corpus, 0.5 + i / 10, f"r{i}"),
-                  manifest={}, generations=[])
+                  manifest={}, jsonl={"generations.jsonl": []})
     assert tables_main(["--results-dir", str(tmp_path)]) == 0
     out = tmp_path / "tables"
     assert {p.name for p in out.iterdir()} >= {f"lm_mauve.{s}" for s in ("md", "csv", "tex")}

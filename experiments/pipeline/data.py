@@ -138,7 +138,7 @@ def materialize_oracle(cfg: Mapping) -> dict[str, str]:
     `cfg.tokenizer`; both are written to a temporary directory first and renamed into place, so a directory that
     exists is complete. Sampling is deterministic, so the files depend only on the config.
     """
-    from emo.oracle import OracleLanguage, make_tokenizer, write_corpus
+    from experiments.pipeline.oracle import OracleLanguage, make_tokenizer, write_corpus
 
     oracle = OracleLanguage(**cfg["oracle"])
     corpus = dict(cfg["corpus"])

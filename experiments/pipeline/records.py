@@ -1,4 +1,4 @@
-"""Run records: `results/<experiment>/<run-id>/{metrics,manifest}.json` + `generations.jsonl`, written atomically.
+"""Run records: `results/<experiment>/<run-id>/{metrics,manifest}.json` plus per-track JSONL files, written atomically.
 
 A run directory appears only once complete: files are written into a hidden temporary sibling, then renamed into
 place with `os.replace`, so readers (e.g. `experiments.tables`) never see half-written runs.
@@ -6,6 +6,7 @@ place with `os.replace`, so readers (e.g. `experiments.tables`) never see half-w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -20,9 +21,10 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
-GENERATIONS_FILE = "generations.jsonl"
-TRACKED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "omegaconf",
-                    "mauve-text", "sentence-transformers", "numpy", "wandb", "emo-suite")
+TRACKED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "peft", "hydra-core", "omegaconf",
+                    "mauve-text", "sentence-transformers", "scikit-learn", "faiss-cpu", "faiss-gpu", "openicl", "openai",
+                    "numpy", "wandb", "emo-suite")
+SCHEMA_VERSION = 1
 
 
 def new_run_id(*parts: str) -> str:
@@ -32,12 +34,13 @@ def new_run_id(*parts: str) -> str:
 
 
 def git_commit(repo_dir: str | Path | None = None) -> str:
-    """Current git commit (suffixed `-dirty` with uncommitted changes), or "unknown" outside a repository."""
+    """Current git commit (suffixed `-dirty` with uncommitted changes or untracked files), or "unknown" outside a
+    repository."""
     cwd = repo_dir or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -67,9 +70,50 @@ def hardware_info() -> dict:
     return info
 
 
+def sha256_texts(texts: Iterable[str]) -> str:
+    """SHA-256 over `texts` (each followed by a NUL byte): a fingerprint of a list of strings."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of the current Hydra job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def build_manifest(cfg, *, run_id: str, seeds: Mapping, data_fingerprint: Mapping, output_dir: str | Path,
+                   **extra) -> dict:
+    """Everything needed to reproduce a run: resolved config, overrides, git commit, package versions, seeds, data
+    fingerprint and hardware (plus any `extra` entries)."""
+    from omegaconf import OmegaConf
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "overrides": hydra_overrides(),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "seeds": dict(seeds),
+        "data_fingerprint": dict(data_fingerprint),
+        "hardware": hardware_info(),
+        "output_dir": str(output_dir),
+        **extra,
+    }
+
+
 def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mapping, manifest: Mapping,
-              generations: Iterable[Mapping]) -> Path:
-    """Write one run's three files atomically to `root/experiment/run_id/` and return that directory."""
+              jsonl: Mapping[str, Iterable[Mapping]] | None = None, json_files: Mapping[str, object] | None = None,
+              ) -> Path:
+    """Write one run atomically to `root/experiment/run_id/` and return that directory.
+
+    Always `metrics.json` and `manifest.json`; `jsonl` maps file names to rows (e.g. `generations.jsonl`,
+    `predictions.jsonl`), `json_files` maps file names to JSON values (e.g. AlpacaEval-format outputs).
+    """
     parent = Path(root) / experiment
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / run_id
@@ -77,11 +121,13 @@ def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mappin
         raise FileExistsError(f"Run directory already exists: {final}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=parent))
     try:
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        with open(tmp / GENERATIONS_FILE, "w") as fh:
-            for row in generations:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        documents = {METRICS_FILE: metrics, MANIFEST_FILE: manifest, **(json_files or {})}
+        for name, value in documents.items():
+            (tmp / name).write_text(json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+        for name, rows in (jsonl or {}).items():
+            with open(tmp / name, "w") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.chmod(tmp, 0o755)
         os.replace(tmp, final)
     except BaseException:

@@ -1,0 +1,126 @@
+"""Training setup shared by every track: precision, `TrainingArguments`, the objective's loss, and the trainer.
+
+A recipe composes them; everything comes from the config (`conf/trainer/*.yaml`, `conf/objective/*.yaml`,
+`conf/model/*.yaml`), so tracks differ only in data and in what they do after training.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from emo import get_objective
+from emo.training import ObjectiveLoss, ObjectiveTrainer
+from experiments.pipeline.models import build_cost_embedding
+
+log = logging.getLogger(__name__)
+NON_HF_TRAINER_KEYS = ("mixed_precision", "fsdp_layer_class", "global_batch_size")
+
+
+def precision_flags(mode: str) -> dict:
+    """`bf16`/`fp16` TrainingArguments flags: `auto` picks bf16, else fp16, on CUDA and fp32 on CPU."""
+    if mode == "auto":
+        if not torch.cuda.is_available():
+            mode = "no"
+        else:
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode not in ("bf16", "fp16", "no"):
+        raise ValueError(f"trainer.mixed_precision must be auto, bf16, fp16 or no; got {mode!r}")
+    if mode != "no" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.mixed_precision={mode} needs a CUDA GPU; use auto or no on CPU.")
+    return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
+
+
+def world_size() -> int:
+    """Number of training processes (torchrun/accelerate set `WORLD_SIZE`; 1 otherwise)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def fsdp_options(options: dict) -> dict:
+    """Turn `fsdp` + `fsdp_layer_class` into TrainingArguments' `fsdp`/`fsdp_config`; refuse FSDP without GPUs.
+
+    accelerate silently trains with DDP when FSDP is asked for on CPU, so that request is an error here.
+    """
+    fsdp = options.pop("fsdp", None) or ""
+    layer_class = options.pop("fsdp_layer_class", None)
+    if not fsdp:
+        return {}
+    if not torch.cuda.is_available():
+        raise ValueError(f"trainer.fsdp={fsdp!r} needs CUDA GPUs (accelerate would silently fall back to DDP on CPU); "
+                         "set trainer.fsdp='' to train without FSDP.")
+    config = dict(options.pop("fsdp_config", None) or {})
+    if layer_class:
+        config["transformer_layer_cls_to_wrap"] = [layer_class] if isinstance(layer_class, str) else list(layer_class)
+    return {"fsdp": fsdp, "fsdp_config": config}
+
+
+def accumulation_for_global_batch(global_batch_size: int | None, per_device: int, default: int) -> int:
+    """Gradient-accumulation steps that keep `global_batch_size` on the current number of processes."""
+    if not global_batch_size:
+        return default
+    processes = world_size()
+    steps, remainder = divmod(global_batch_size, per_device * processes)
+    if remainder or steps < 1:
+        raise ValueError(f"trainer.global_batch_size={global_batch_size} is not a multiple of "
+                         f"per_device_train_batch_size={per_device} x {processes} process(es)")
+    log.info("global batch %d = %d per device x %d process(es) x %d accumulation steps", global_batch_size,
+             per_device, processes, steps)
+    return steps
+
+
+def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: list[str], seed: int,
+                       run_name: str) -> transformers.TrainingArguments:
+    """TrainingArguments from a `conf/trainer/*.yaml` node.
+
+    Every key is a TrainingArguments field except `mixed_precision` (auto/bf16/fp16/no), `fsdp_layer_class` (the
+    decoder-layer class FSDP wraps) and `global_batch_size` (kept across GPU counts via gradient accumulation).
+    """
+    options = OmegaConf.to_container(trainer_cfg, resolve=True)
+    precision = precision_flags(options.pop("mixed_precision"))
+    options["gradient_accumulation_steps"] = accumulation_for_global_batch(
+        options.pop("global_batch_size", None), options["per_device_train_batch_size"],
+        options.get("gradient_accumulation_steps", 1))
+    sharding = fsdp_options(options)
+    return transformers.TrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
+                                          run_name=run_name, **options, **precision, **sharding)
+
+
+def objective_loss(objective_cfg: DictConfig, model: torch.nn.Module, *, cost_source: str | None,
+                   device: torch.device) -> ObjectiveLoss:
+    """`ObjectiveLoss` for a `conf/objective/*.yaml` node.
+
+    The registry says where the objective's cost embedding comes from: `none`; `fixed` (built here from
+    `cost_source`: null = a frozen copy of `model`'s current LM head, else a file or model path/Hub id, moved to
+    `device`); `live_head` (read from `model` at every step by the loss itself).
+    """
+    spec = get_objective(objective_cfg.name)
+    cost = None
+    if spec.cost_source == "fixed":
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        cost = build_cost_embedding(cost_source, model, vocab_size).to(device)
+    return ObjectiveLoss(objective_cfg.name, hparams=OmegaConf.to_container(objective_cfg.hparams, resolve=True),
+                         cost_embedding=cost, model=model, impl=objective_cfg.impl)
+
+
+def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, output_dir: Path, run_name: str, report_to: list[str],
+                  train_dataset, eval_dataset=None, data_collator=None) -> ObjectiveTrainer:
+    """An `ObjectiveTrainer` for `cfg.trainer`, `cfg.objective` and `cfg.model.cost_embedding`, seeded by `cfg.seed`."""
+    args = training_arguments(cfg.trainer, output_dir=output_dir, report_to=report_to, seed=cfg.seed,
+                              run_name=run_name)
+    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device)
+    return ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=train_dataset,
+                            eval_dataset=eval_dataset,
+                            data_collator=data_collator or transformers.default_data_collator)
+
+
+def resume_checkpoint(output_dir: Path) -> str | None:
+    """The newest `checkpoint-*` directory under `output_dir` (a killed run resumes from it), or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
