@@ -3,19 +3,34 @@
     python run.py experiment=lm_gpt2 objective=emo data=wikitext2
     python run.py -m experiment=lm_gpt2 objective=mle,mixce,tailr,emo data=ptb
     python run.py experiment=lm_tiny --cfg job      # print the composed config
+    torchrun --nproc_per_node 4 run.py experiment=sft_alpaca model=llama7b          # DDP/FSDP on one node
+    python run.py -m hydra/launcher=slurm experiment=cft_lora objective=mle,cft/emo2   # SLURM via submitit
 
 The composed config names its recipe (`recipe: module:function`); run.py imports and calls it.
 """
 
 import importlib
+import os
 
 import hydra
 from omegaconf import DictConfig
 
 
+def export_slurm_distributed_env() -> None:
+    """In a multi-task SLURM job started by the submitit launcher, export torch.distributed's `env://` variables
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) so the Trainer runs DDP/FSDP across the tasks."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     """Run the configured recipe and return its metrics (the value Hydra's sweepers see)."""
+    export_slurm_distributed_env()
     module_name, _, function_name = cfg.recipe.partition(":")
     recipe = getattr(importlib.import_module(module_name), function_name)
     return recipe(cfg)

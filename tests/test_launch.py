@@ -1,0 +1,55 @@
+"""Scale-out entry points: the SLURM launcher config composes, and run.py turns SLURM task variables into the
+torch.distributed environment the Trainer reads (as torchrun would)."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+SLURM_TASK = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
+              "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+              "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_STEP_NODELIST": "gpu[01-02]"}
+DISTRIBUTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def load_run_module():
+    spec = importlib.util.spec_from_file_location("emo_run_entry", ROOT / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_slurm_launcher_config_composes(compose_cfg):
+    cfg = compose_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1 and launcher["tasks_per_node"] == 1
+
+
+def test_multi_task_slurm_job_exports_torch_distributed_env(monkeypatch):
+    for name in (*DISTRIBUTED, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SLURM_TASK.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("subprocess.check_output", lambda *a, **k: b"gpu01\ngpu02\n")
+    load_run_module().export_slurm_distributed_env()
+    exported = {name: os.environ[name] for name in DISTRIBUTED}
+    assert exported["RANK"] == "3" and exported["WORLD_SIZE"] == "4" and exported["LOCAL_RANK"] == "1"
+    assert exported["LOCAL_WORLD_SIZE"] == "2" and exported["MASTER_ADDR"] == "gpu01"
+    assert 20000 <= int(exported["MASTER_PORT"]) <= 60000
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # every task sees the node's GPUs; LOCAL_RANK picks one
+
+
+def test_torchrun_or_single_task_jobs_are_left_alone(monkeypatch):
+    for name, value in SLURM_TASK.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    load_run_module().export_slurm_distributed_env()
+    assert "WORLD_SIZE" not in os.environ
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    load_run_module().export_slurm_distributed_env()
+    assert "RANK" not in os.environ
