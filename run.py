@@ -13,7 +13,11 @@ import importlib
 import os
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# `${coalesce:a,b}`: the first argument that is not null (conf/config.yaml: run dir = run_id, else a time stamp).
+OmegaConf.register_new_resolver("coalesce", lambda *values: next((v for v in values if v is not None), None),
+                                replace=True)
 
 
 def export_slurm_distributed_env() -> None:

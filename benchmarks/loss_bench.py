@@ -3,6 +3,8 @@
 Each case runs in its own process (so peak RSS is its own): inputs are allocated in place, then ``--warmup`` plus
 ``--iters`` forward+backward passes are timed and the median is reported. "Extra" memory is the rise of peak RSS
 over the RSS right after allocation (the peak mark is reset there). Ratios are printed against the baseline case of each comparison.
+The default suite also prices half-precision logits: our loss keeps the logit gradient in fp32 until the upstream
+gradient (loss scale) is applied, so fp16/bf16 inputs cost what fp32 inputs cost, not half of it.
 
     python benchmarks/loss_bench.py                      # EMO loss vs EMOLoss==0.0.3 at (8, 256, 50257) x 768
     python benchmarks/loss_bench.py --suite fused        # fused linear+loss vs materialised logits
@@ -49,10 +51,10 @@ def filled(*shape, requires_grad=False, dtype=torch.float32, std=1.0):
     return tensor.requires_grad_(requires_grad)
 
 
-def logits_case(args):
-    """Materialised logits (B, T, V) with a padded tail, labels and a frozen cost embedding."""
+def logits_case(args, dtype=torch.float32):
+    """Materialised logits (B, T, V) of ``dtype`` with a padded tail, labels and a frozen cost embedding."""
     torch.manual_seed(0)
-    logits = filled(args.batch, args.seq, args.vocab, requires_grad=True, std=2.0)
+    logits = filled(args.batch, args.seq, args.vocab, requires_grad=True, std=2.0, dtype=dtype)
     labels = torch.randint(0, args.vocab, (args.batch, args.seq))
     labels[:, -16:] = -100
     cost = filled(args.vocab, args.width)
@@ -60,29 +62,35 @@ def logits_case(args):
 
 
 def case_reference(args):
-    from reference_emoloss import load_reference_emoloss
+    from helpers import load_reference_emoloss
 
     reference = load_reference_emoloss()
     logits, labels, cost = logits_case(args)
     return lambda: reference(logits, labels, cost, mode=1), [logits]
 
 
-def case_emo(args):
-    from emo import CostEmbedding, EMOLoss
+def case_emo(dtype=torch.float32):
+    def build(args):
+        from emo import CostEmbedding, EMOLoss
 
-    logits, labels, cost = logits_case(args)
-    cost = CostEmbedding(cost)
-    return lambda: EMOLoss(logits, labels, cost, mode=1), [logits]
+        logits, labels, cost = logits_case(args, dtype)
+        cost = CostEmbedding(cost)
+        return lambda: EMOLoss(logits, labels, cost, mode=1), [logits]
+
+    return build
 
 
-def case_cross_entropy(args):
-    logits, labels, _ = logits_case(args)
-    shifted = labels[:, 1:].reshape(-1)
+def case_cross_entropy(dtype=torch.float32):
+    def build(args):
+        logits, labels, _ = logits_case(args, dtype)
+        shifted = labels[:, 1:].reshape(-1)
 
-    def step():
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, args.vocab), shifted)
+        def step():
+            return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, args.vocab), shifted)
 
-    return step, [logits]
+        return step, [logits]
+
+    return build
 
 
 def head_case(args):
@@ -157,8 +165,11 @@ def case_train_step(objective, fused):
 
 CASES = {
     "reference": case_reference,
-    "emo": case_emo,
-    "cross_entropy": case_cross_entropy,
+    "emo": case_emo(),
+    "cross_entropy": case_cross_entropy(),
+    "emo_fp16": case_emo(torch.float16),
+    "emo_bf16": case_emo(torch.bfloat16),
+    "cross_entropy_fp16": case_cross_entropy(torch.float16),
     "materialized_emo": case_head_materialized("emo"),
     "fused_emo": case_head_fused("emo"),
     "fused_emo_2n": case_head_fused("emo", scale_tokens=2),
@@ -171,7 +182,7 @@ CASES = {
 SUITES = {  # per suite: the shape defaults, the cases (one process each); its REPORTS entry prints the ratios
     "emo": {
         "defaults": {"batch": 8, "seq": 256, "vocab": 50257, "width": 768},
-        "cases": ["reference", "emo", "cross_entropy"],
+        "cases": ["reference", "emo", "cross_entropy", "emo_fp16", "emo_bf16", "cross_entropy_fp16"],
     },
     "fused": {
         "defaults": {"tokens": 8192, "vocab": 50257, "hidden": 768, "width": 768, "train_batch": 4, "train_seq": 256},
@@ -236,19 +247,28 @@ def main() -> None:
         command = [sys.executable, __file__, f"--suite={args.suite}", f"--worker={case}", *shared]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[case] = json.loads(output.strip().splitlines()[-1])
-        print(f"{case:>16}: {results[case]['ms']:9.1f} ms fwd+bwd   extra peak {results[case]['extra_mb']:8.1f} MB")
+        print(f"{case:>26}: {results[case]['ms']:9.1f} ms fwd+bwd   extra peak {results[case]['extra_mb']:8.1f} MB")
     print(", ".join(f"{name}={getattr(args, name)}" for name in names))
-    REPORTS[args.suite](results)
+    REPORTS[args.suite](results, args)
 
 
-def report_emo(results):
+def report_emo(results, args):
     speedup = results["reference"]["ms"] / results["emo"]["ms"]
     memory = results["emo"]["extra_mb"] / results["reference"]["extra_mb"]
     print(f"EMO loss vs EMOLoss==0.0.3: {speedup:.2f}x faster (target >= 2.5x), "
           f"{memory:.2f}x extra peak memory (target <= 0.35x)")
+    half_logits_mb = args.batch * args.seq * args.vocab * 2 / 2**20
+    for case in ("emo_fp16", "emo_bf16"):
+        extra = results[case]["extra_mb"]
+        print(f"{case} (fp32 gradient buffer): extra peak {extra:.0f} MB = "
+              f"{extra / results['emo']['extra_mb']:.2f}x the fp32-logits case, "
+              f"{extra / results['cross_entropy_fp16']['extra_mb']:.2f}x F.cross_entropy in fp16; "
+              f"{extra - results['emo']['extra_mb']:+.0f} MB vs fp32 logits")
+    print(f"cost of the fp32 gradient buffer over a half one: +{half_logits_mb:.0f} MB (2 bytes x B x T x V, the size of "
+          "the half logits themselves); it is cast in place into its own storage, so no second N x V buffer")
 
 
-def report_fused(results):
+def report_fused(results, args):
     def ratio(key, a, b):
         return results[a][key] / results[b][key]
 

@@ -6,16 +6,20 @@ gradient into gradients for the hidden states, the head weight and its bias righ
 Liger-Kernel's fused linear cross-entropy does). Peak memory is a few ``chunk x V`` buffers plus one fp32 ``V x H``
 weight-gradient accumulator, independent of the number of tokens. EMO adds a single ``chunk x V x width`` product
 per chunk (the cosine of every token to the gold one), reused for the value and the gradient. ``reduction="none"``
-keeps only the inputs and recomputes the chunks in backward, scaled by the per-token upstream gradient.
+keeps only the inputs and recomputes the chunks in backward, scaled by the per-token upstream gradient. Gradients
+stay fp32 until the upstream gradient is applied and are then cast to the inputs' dtypes; like ``lm_loss``, the fused
+loss is differentiable once (``create_graph=True`` raises).
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
+from torch.torch_version import TorchVersion
 
 from emo.cost import CostEmbedding
 from emo.losses import (
+    SECOND_ORDER_ERROR,
     check_reduction,
     check_targets,
     default_chunk_size,
@@ -26,29 +30,55 @@ from emo.losses import (
 )
 
 
+# Devices where ``torch.mm(a, b, out_dtype=torch.float32)`` multiplies bf16 operands into an fp32 result (``meta``
+# checks shapes only); elsewhere bf16 operands are promoted to fp32 instead.
+FP32_OUTPUT_DEVICES = ("cuda", "xpu", "meta")
+
+
+def _gradient_operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """Dtype of the operands of the backward products, whose results and accumulators are always fp32.
+
+    The logit gradient is formed before the upstream gradient (e.g. a loss scale) is known, so it must not be rounded
+    to a narrow range: fp16 operands would flush its small entries to zero, so fp16 (and mixed or fp64) inputs use
+    fp32 operands (one fp32 copy of the weight per call). bf16 shares fp32's exponent range, so rounding it before or
+    after the scale is alike: bf16 keeps its fast products where they can write fp32 results (CUDA, torch >= 2.8); the
+    fp32 results keep the weight gradient, a sum over all chunks, from being rounded once per chunk.
+    """
+    if (
+        hidden.dtype == weight.dtype == torch.bfloat16
+        and hidden.device.type in FP32_OUTPUT_DEVICES
+        and TorchVersion(torch.__version__) >= (2, 8)
+    ):
+        return torch.bfloat16
+    return torch.float32
+
+
 def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chunk_size, with_grad, row_scale=None):
     """Run the objective over token chunks; returns fp32 values and, if ``with_grad``, fp32 gradients
     ``(hidden (N, H), weight (V, H), bias (V,))`` of ``sum(row_scale * values)`` (``row_scale`` defaults to 1).
 
-    Chunk buffers are allocated once and reused; for fp32 inputs the products write into them directly and the
-    weight gradient accumulates in place (``addmm_``), so no per-chunk ``V x H`` temporary is created.
+    Chunk buffers are allocated once on the inputs' device and reused; for fp32 inputs the products write into them
+    directly and the weight gradient accumulates in place (``addmm_``), so no per-chunk ``V x H`` temporary is created.
+    The forward product runs in the inputs' dtype, the backward products as ``_gradient_operand_dtype`` says.
     """
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     rows = min(chunk_size, num_tokens)
     fp32 = dict(dtype=torch.float32, device=hidden.device)
-    exact = weight.dtype == torch.float32 and hidden.dtype == torch.float32
+    logits_in_place = weight.dtype == torch.float32 and hidden.dtype == torch.float32
+    operand_dtype = _gradient_operand_dtype(hidden, weight)
     values = torch.empty(num_tokens, **fp32)
     logits_buffer = torch.empty(rows, vocab_size, **fp32)
     scratch = torch.empty(rows, vocab_size, **fp32) if cost is not None else None
     grad_hidden = torch.empty(hidden.shape, **fp32) if with_grad else None
     grad_weight = torch.zeros(weight.shape, **fp32) if with_grad else None
     grad_bias = torch.zeros(bias.shape, **fp32) if bias is not None and with_grad else None
+    weight_operand = weight.to(operand_dtype) if with_grad else None
     for start in range(0, num_tokens, chunk_size):
         span = slice(start, min(start + chunk_size, num_tokens))
         size = span.stop - span.start
         chunk_hidden = hidden[span]
         logits = logits_buffer[:size]
-        if exact:
+        if logits_in_place:
             torch.mm(chunk_hidden, weight.T, out=logits)
         else:
             logits.copy_(chunk_hidden @ weight.T)
@@ -63,13 +93,14 @@ def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chu
             dlogits.mul_(row_scale[span].unsqueeze(1))
         if grad_bias is not None:
             grad_bias.add_(dlogits.sum(dim=0))
-        if exact:
-            torch.mm(dlogits, weight, out=grad_hidden[span])
-            grad_weight.addmm_(dlogits.T, chunk_hidden)
+        hidden_operand = chunk_hidden.to(operand_dtype)
+        if operand_dtype == torch.float32:
+            torch.mm(dlogits, weight_operand, out=grad_hidden[span])
+            grad_weight.addmm_(dlogits.T, hidden_operand)
         else:
-            dlogits = dlogits.to(weight.dtype)
-            grad_hidden[span] = dlogits @ weight
-            grad_weight.add_(dlogits.T @ chunk_hidden)
+            dlogits = dlogits.to(operand_dtype)
+            grad_hidden[span] = torch.mm(dlogits, weight_operand, out_dtype=torch.float32)
+            grad_weight.add_(torch.mm(dlogits.T, hidden_operand, out_dtype=torch.float32))
     return values, grad_hidden, grad_weight, grad_bias
 
 
@@ -94,10 +125,12 @@ class _FusedLinearObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_ORDER_ERROR)
         if ctx.mode == "total":
             if ctx.grads is None:
                 raise RuntimeError("the fused loss was already back-propagated once; compute it again to backward twice")
-            grad_hidden, grad_weight, grad_bias = (None if g is None else g * grad_output for g in ctx.grads)
+            grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_output) for g in ctx.grads)
             ctx.grads = None
         else:
             hidden, weight, bias, targets = ctx.saved_tensors
@@ -109,6 +142,15 @@ class _FusedLinearObjective(torch.autograd.Function):
             for grad, needed, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.needs_input_grad, ctx.dtypes)
         )
         return (*grads, None, None, None, None, None, None)
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under ``torch.autocast``, the head runs in the autocast dtype, as the model's own LM head would."""
+    device_type = hidden.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def linear_lm_loss(
@@ -128,8 +170,9 @@ def linear_lm_loss(
 
     ``hidden`` is ``(B, T, H)`` (the last hidden state, before the LM head), ``lm_head_weight`` ``(V, H)``,
     ``labels`` ``(B, T)`` aligned with ``hidden`` (shifted inside). Same objectives, hyper-parameters, reductions
-    and values as ``lm_loss``; ignored tokens are dropped before the projection; computed in fp32 per chunk, with
-    gradients for ``hidden``, ``lm_head_weight`` and ``lm_head_bias``. ``chunk_size`` is in tokens.
+    and values as ``lm_loss``; ignored tokens are dropped before the projection; the objective is computed in fp32 per
+    chunk, with gradients for ``hidden``, ``lm_head_weight`` and ``lm_head_bias``. ``chunk_size`` is in tokens. Under
+    ``torch.autocast`` the head products run in the autocast dtype, like the model's own LM head.
     """
     check_reduction(reduction)
     if hidden.dim() != 3 or not hidden.is_floating_point():
@@ -147,6 +190,7 @@ def linear_lm_loss(
         )
     vocab_size = lm_head_weight.shape[0]
     spec, resolved, cost = resolve_objective(objective, cost_embedding, vocab_size, hparams)
+    hidden, lm_head_weight, lm_head_bias = _autocast_inputs(hidden, lm_head_weight, lm_head_bias)
     flat_targets = shift_labels(labels, ignore_index).reshape(-1)
     valid = flat_targets != ignore_index
     check_targets(flat_targets, valid, vocab_size, ignore_index)
@@ -159,7 +203,7 @@ def linear_lm_loss(
         flat_targets.index_select(0, rows),
         spec,
         resolved,
-        None if cost is None else cost.normalized.to(hidden.device),
+        None if cost is None else cost.to(hidden.device).normalized,
         chunk_size or default_chunk_size(vocab_size),
         "tokens" if reduction == "none" else "total",
     )

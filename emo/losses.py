@@ -7,7 +7,12 @@ row-normalised cost embedding, then writes the exact logit gradient straight awa
     dz = a * (q - onehot(y)) + b * (q * d - q * emo),   d = 1 - S = cosine distance to the gold token
 
 where ``(a, b)`` are the objective's stop-gradient token weights (``emo.registry``); ignored positions get zero
-weights. No ``N x V`` one-hot is ever built, and the extra memory is the gradient buffer plus one or two chunk buffers.
+weights. No ``N x V`` one-hot is ever built. The gradient buffer is fp32 whatever the logits' dtype: the upstream
+gradient (e.g. a 65536 loss scale) is applied in fp32 first and only then is the result cast to the logits' dtype, so
+fp16/bf16 gradients are as precise as autograd's. Every buffer is allocated on the inputs' device.
+
+The gradient is computed in forward, so the losses are differentiable once: second-order gradients
+(``create_graph=True``) raise an error instead of silently missing their second-order terms.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ from emo.registry import Objective, get_objective
 REDUCTIONS = ("mean", "sum", "none")
 MASK_EPS = 1e-15
 CHUNK_ELEMENTS = 1 << 24
-_ONE = torch.ones(1, 1)
+SECOND_ORDER_ERROR = (
+    "emo losses compute their gradient in the forward pass and are differentiable only once: second-order "
+    "gradients (create_graph=True, e.g. double backward or gradient penalties) are not supported"
+)
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -44,7 +52,8 @@ def objective_chunk(
 
     ``logits`` is an fp32 ``(n, V)`` tensor this function owns: it is overwritten and returned as the gradient.
     ``targets`` are valid class ids; ``cost`` is the row-normalised fp32 cost embedding (``CostEmbedding.normalized``)
-    or ``None``; ``scratch`` is an optional ``(n, V)`` fp32 buffer for the transport costs (reused across chunks);
+    on the logits' device, or ``None``; ``scratch`` is an optional ``(n, V)`` fp32 buffer for the transport costs
+    (reused across chunks; allocated here if missing);
     ``valid`` optionally marks the rows that count (others get value and gradient 0; their targets may be any id).
     Returns ``(values (n,), dlogits (n, V) or None)``.
     """
@@ -53,14 +62,15 @@ def objective_chunk(
     row_max = logits.amax(dim=1, keepdim=True)
     unnormalized = logits.sub_(row_max).exp_()
     normalizer = unnormalized.sum(dim=1, keepdim=True)
-    nll = (row_max + normalizer.log()).squeeze(1) - target_logit
+    nll = (row_max.squeeze(1) - target_logit) + normalizer.log().squeeze(1)  # exact 0 + log Z when y is the argmax
     p_target = torch.exp(-nll)
     inverse_normalizer = normalizer.reciprocal_()
 
     emo = weighted_distance = None
     if objective.needs_cost_embedding:
         # 1 - cos(e_v, e_y) for every v, then weighted by the (unnormalised) probabilities.
-        weighted_distance = torch.addmm(_ONE, cost[targets], cost.T, alpha=-1.0, out=scratch).mul_(unnormalized)
+        distance = torch.empty_like(logits) if scratch is None else scratch
+        weighted_distance = distance.fill_(1.0).addmm_(cost[targets], cost.T, alpha=-1.0).mul_(unnormalized)
         emo = weighted_distance.sum(dim=1, keepdim=True).mul_(inverse_normalizer).squeeze(1).clamp_(min=0.0)
     values, nll_weight, emo_weight = objective.weights(nll, p_target, emo, **hparams)
     if valid is not None:
@@ -81,26 +91,26 @@ def objective_chunk(
 class _ObjectiveOnLogits(torch.autograd.Function):
     """Per-position objective values ``(B*T,)`` from flat logits, with the logit gradient computed in forward.
 
-    Chunks are contiguous position ranges (ignored positions get zero value and gradient), so for fp32 logits each
-    chunk is copied once into its rows of the gradient buffer and turned into the gradient there, in place.
+    Chunks are contiguous position ranges (ignored positions get zero value and gradient). With gradient, each chunk
+    is copied once into its rows of the fp32 gradient buffer and turned into the gradient there, in place; backward
+    scales it by the upstream gradient in fp32 and casts it to the logits' dtype (``scale_rows_and_cast``).
     """
 
     @staticmethod
     def forward(ctx, flat_logits, flat_targets, valid, objective, hparams, cost, chunk_size, with_grad):
         num_positions, vocab_size = flat_logits.shape
         values = flat_logits.new_empty(num_positions, dtype=torch.float32)
-        grad = torch.empty_like(flat_logits) if with_grad else None
         chunk_size = max(1, min(chunk_size, num_positions))
-        in_place = with_grad and flat_logits.dtype == torch.float32
-        work = None if in_place else flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32)
+        grad = flat_logits.new_empty(num_positions, vocab_size, dtype=torch.float32) if with_grad else None
+        work = None if with_grad else flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32)
         scratch = flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32) if cost is not None else None
         targets = flat_targets.where(valid, 0)
         for start in range(0, num_positions, chunk_size):
             span = slice(start, min(start + chunk_size, num_positions))
             size = span.stop - span.start
-            chunk = grad[span] if in_place else work[:size]
+            chunk = grad[span] if with_grad else work[:size]
             chunk.copy_(flat_logits[span])
-            values[span], chunk_grad = objective_chunk(
+            values[span], _ = objective_chunk(
                 chunk,
                 targets[span],
                 objective,
@@ -110,19 +120,47 @@ class _ObjectiveOnLogits(torch.autograd.Function):
                 None if scratch is None else scratch[:size],
                 valid[span],
             )
-            if with_grad and not in_place:
-                grad[span].copy_(chunk_grad)
         ctx.grad_buffer = grad
+        ctx.logits_dtype = flat_logits.dtype
+        ctx.chunk_size = chunk_size
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_ORDER_ERROR)
         grad = ctx.grad_buffer
         if grad is None:
             raise RuntimeError("the objective loss was already back-propagated once; compute it again to backward twice")
         ctx.grad_buffer = None
-        grad.mul_(grad_values.unsqueeze(1))
+        grad = scale_rows_and_cast(grad, grad_values, ctx.logits_dtype, ctx.chunk_size)
         return grad, None, None, None, None, None, None, None
+
+
+def scale_rows_and_cast(grad: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+    """``grad * row_scale[:, None]`` computed in fp32, then cast to ``dtype``; consumes the fp32 ``(N, V)`` ``grad``.
+
+    A narrower ``dtype`` (fp16/bf16) is written into the front of ``grad``'s own storage, so the cast needs no second
+    ``N x V`` buffer (the result is a view of that storage). Rows ``[start, stop)`` of the result occupy the bytes of
+    fp32 rows ``[start / 2, stop / 2)``, so with ``stop <= 2 * start`` they never overlap rows not yet cast nor their
+    own source: blocks double in size from row 1 (row 0 goes through a one-row temporary), up to ``chunk_size``.
+    """
+    if dtype == grad.dtype:
+        return grad.mul_(row_scale.unsqueeze(1))
+    if dtype.itemsize > grad.dtype.itemsize:
+        return grad.mul_(row_scale.unsqueeze(1)).to(dtype)
+    num_rows, vocab_size = grad.shape
+    packed = grad.view(-1).view(dtype)[: grad.numel()].view(num_rows, vocab_size)
+    start = 0
+    while start < num_rows:
+        stop = min(num_rows, start + chunk_size, max(2 * start, 1))
+        block = grad[start:stop].mul_(row_scale[start:stop].unsqueeze(1))
+        if start == 0:
+            packed[:stop] = block.to(dtype)
+        else:
+            packed[start:stop].copy_(block)
+        start = stop
+    return packed
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -191,7 +229,8 @@ def lm_loss(
 
     ``labels`` is ``(B, T)`` and aligned with ``logits``; position ``t`` predicts ``labels[:, t + 1]`` (shifted
     inside, as in ``EMOLoss`` and Hugging Face models). ``cost_embedding`` is a ``(V, width)`` tensor or
-    ``CostEmbedding`` (any width; never receives gradient), needed by the EMO objectives. ``hparams`` are the
+    ``CostEmbedding`` (any width; never receives gradient), needed by the EMO objectives; a ``CostEmbedding`` moves to
+    the logits' device in place on first use, so it is copied there once, not at every call. ``hparams`` are the
     objective's hyper-parameters (e.g. ``eta`` for MixCE). Computed in fp32; returns an fp32 scalar for ``mean``
     (``sum / count`` of valid tokens; 0 when all are ignored) and ``sum``, or ``(B, T - 1)`` values for ``none``.
     """
@@ -215,7 +254,7 @@ def lm_loss(
         valid,
         spec,
         resolved,
-        None if cost is None else cost.normalized.to(logits.device),
+        None if cost is None else cost.to(logits.device).normalized,
         chunk_size or default_chunk_size(vocab_size),
         with_grad,
     )

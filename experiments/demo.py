@@ -1,10 +1,11 @@
 """The `make demo` report: `python -m experiments.demo` after `python run.py -m experiment=demo objective=...`.
 
-Reads the latest run per objective of the demo experiment (runs on `data=oracle`, whose metrics.json has an `oracle`
-section), prints the comparison table and writes `<results>/tables/demo.{md,csv,png}`: per objective the exact
-per-token forward KL(oracle||model), reverse KL(model||oracle) and TVD on held-out oracle text, the model's
-perplexity there, MAUVE (mean ± std over sampling seeds) of its samples vs held-out oracle text, and the distinct-n
-of its samples. A last row shows the oracle itself (KL = TVD = 0, its own perplexity, the gold texts' distinct-n).
+Reads the runs of the demo experiment (runs on `data=oracle`, whose metrics.json has an `oracle` section; one row
+per experiment setup: runs differing only in seeds are averaged, `(n=k)` after MAUVE, a rerun replaces an earlier
+one), prints the comparison table and writes `<results>/tables/demo.{md,csv,png}`: per objective the exact per-token
+forward KL(oracle||model), reverse KL(model||oracle) and TVD on held-out oracle text, the model's perplexity there,
+MAUVE (mean ± std over sampling seeds) of its samples vs held-out oracle text, and the distinct-n of its samples.
+A last row shows the oracle itself (KL = TVD = 0, its own perplexity, the gold texts' distinct-n).
 """
 
 from __future__ import annotations
@@ -18,41 +19,40 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.pipeline.records import load_runs
-from experiments.tables import OBJECTIVE_ORDER, bold_best, latest_runs, ordered
+from experiments.tables import OBJECTIVE_ORDER, aggregate, bold_best, group_runs, ordered
 
 ORACLE_ROW = "oracle (reference)"
-COLUMNS = {  # column -> (read from metrics.json, higher is better (None: not ranked), decimals)
+COLUMNS = {  # column -> (read from metrics.json (see experiments.tables.aggregate), higher is better, decimals)
     "forward KL ↓": (lambda m: m["oracle"]["forward_kl"], False, 3),
     "reverse KL ↓": (lambda m: m["oracle"]["reverse_kl"], False, 3),
     "TVD ↓": (lambda m: m["oracle"]["tvd"], False, 3),
-    "MAUVE ↑": (lambda m: m["mauve"]["mean"], True, 3),
+    "MAUVE ↑": (lambda m: m["mauve"], True, 3),
     "perplexity ↓": (lambda m: m["oracle"]["perplexity"], False, 1),
 }
 MAUVE_STD = "MAUVE std"
 
 
-def _distinct_keys(runs: Sequence[dict]) -> list[str]:
-    return sorted(k for k in runs[0]["diversity"] if k.startswith("distinct_"))
-
-
 def demo_table(runs: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`(values, cells)` for oracle runs: numbers, and strings with the best objective per ranked column in bold."""
-    frame = latest_runs([r for r in runs if "oracle" in r])
-    if frame.empty:
+    """`(values, cells)` for oracle runs: numbers, and strings with the best objective per ranked column in bold.
+
+    Rows are experiment setups (`experiments.tables.group_runs`): runs differing only in seeds are averaged (MAUVE
+    pools its per-seed values), runs of different setups get their own labelled rows.
+    """
+    groups = {g.label: g for g in group_runs([r for r in runs if "oracle" in r], column=None)}
+    if not groups:
         return pd.DataFrame(), pd.DataFrame()
-    records = {r["row"]: r for r in frame.to_dict("records")}
-    rows = ordered(records, OBJECTIVE_ORDER)
-    distinct = _distinct_keys(list(records.values()))
+    rows = ordered(groups, OBJECTIVE_ORDER, base=lambda label: groups[label].base)
+    first = groups[rows[0]].runs[0]
+    distinct = sorted(k for k in first["diversity"] if k.startswith("distinct_"))
     values = pd.DataFrame(index=[*rows, ORACLE_ROW], dtype=float)
     for column, (read, _, _) in COLUMNS.items():
-        values[column] = [read(records[r]) for r in rows] + [float("nan")]
-    values[MAUVE_STD] = [records[r]["mauve"]["std"] for r in rows] + [float("nan")]
+        values[column] = [aggregate(groups[r], read)[0] for r in rows] + [float("nan")]
+    values[MAUVE_STD] = [aggregate(groups[r], COLUMNS["MAUVE ↑"][0])[1] for r in rows] + [float("nan")]
     for key in distinct:
-        values[key.replace("_", "-")] = [records[r]["diversity"][key]["mean"] for r in rows] + [
-            records[rows[0]]["gold_diversity"][key]]
-    oracle = records[rows[0]]["oracle"]
+        values[key.replace("_", "-")] = [aggregate(groups[r], lambda m: m["diversity"][key])[0] for r in rows] + [
+            first["gold_diversity"][key]]
     values.loc[ORACLE_ROW, ["forward KL ↓", "reverse KL ↓", "TVD ↓"]] = 0.0
-    values.loc[ORACLE_ROW, "perplexity ↓"] = math.exp(oracle["oracle_cross_entropy"])
+    values.loc[ORACLE_ROW, "perplexity ↓"] = math.exp(first["oracle"]["oracle_cross_entropy"])
 
     cells = pd.DataFrame("–", index=values.index, columns=[c for c in values.columns if c != MAUVE_STD])
     for column in cells.columns:
@@ -62,10 +62,13 @@ def demo_table(runs: Sequence[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             if pd.isna(value):
                 continue
             cells.loc[row, column] = f"{value:.{decimals}f}"
-            if column == "MAUVE ↑":
+            if column == "MAUVE ↑" and not pd.isna(values.loc[row, MAUVE_STD]):
                 cells.loc[row, column] += f" ± {values.loc[row, MAUVE_STD]:.{decimals}f}"
+            if column == "MAUVE ↑" and len(groups[row].runs) > 1:
+                cells.loc[row, column] += f" (n={len(groups[row].runs)})"
         if higher_better is not None:
             bold_best(cells, column, values.loc[rows, column], higher_better)
+    values.insert(0, "runs", [len(groups[r].runs) for r in rows] + [float("nan")])
     values.index.name = cells.index.name = "objective"
     return values, cells
 

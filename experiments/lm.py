@@ -1,9 +1,10 @@
 """Track 1 recipe: fine-tune a causal LM with one objective, sample test-prefix continuations, score MAUVE.
 
-Steps: load corpus and pack blocks -> build model (+ cost embedding) -> `ObjectiveTrainer` (best checkpoint by
-validation cross-entropy) -> test perplexity -> `generation.num_seeds` sampling runs -> MAUVE against the gold texts
-(features computed once per text set) and diversity -> with `data=oracle`, exact distances from the oracle
-(`metrics.json` key `oracle`) -> `results/<experiment>/<run-id>/`.
+Steps: load corpus and pack blocks, test prompts (`cfg.prompts`) -> build model (+ cost embedding) ->
+`ObjectiveTrainer` (best checkpoint by validation cross-entropy; resumes from the newest checkpoint in the run's
+output dir) -> test perplexity -> `generation.num_seeds` sampling runs -> MAUVE against the gold texts (features
+computed once per text set) and diversity -> with `data=oracle`, exact distances from the oracle (`metrics.json` key
+`oracle`) -> `results/<experiment>/<run-id>/`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import pandas as pd
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.pipeline.data import DataError, blocks_fingerprint, load_text_splits, pack_blocks
-from experiments.pipeline.generation import (continuation_token_budget, extract_prompts, generation_records, sample_continuations,
-                            truncate_words)
+from experiments.pipeline.data import blocks_fingerprint, load_text_splits, pack_blocks
+from experiments.pipeline.generation import (continuation_token_budget, generation_records, prompts_from_config,
+                                             sample_continuations, truncate_words)
 from experiments.pipeline.metrics import Featurizer, diversity, mauve_score, mean_std
 from experiments.pipeline.models import load_causal_lm, load_tokenizer
-from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, new_run_id, sha256_texts, write_run
-from experiments.pipeline.tracking import make_tracker
+from experiments.pipeline.oracle import oracle_metrics
+from experiments.pipeline.records import (SCHEMA_VERSION, build_manifest, new_run_id, require_new_run, sha256_texts,
+                                          write_run)
+from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_id = cfg.run_id or new_run_id(cfg.data.name, cfg.objective.name, cfg.model.name)
+    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     transformers.set_seed(cfg.seed)
 
@@ -45,16 +49,17 @@ def run(cfg: DictConfig) -> dict:
     blocks = {split: pack_blocks(texts[split], tokenizer, cfg.data.block_size, cfg.data.pack_batch_texts,
                                  max_blocks=max_blocks.get(split))
               for split in texts}
-    prompts = extract_prompts(texts["test"]["text"], **OmegaConf.to_container(cfg.data.prompts, resolve=True))
-    if not prompts:
-        raise DataError(f"Corpus '{cfg.data.name}': no test row passes the prompt filter {dict(cfg.data.prompts)}.")
+    prompts = prompts_from_config(texts["test"]["text"], cfg.get("prompts"), corpus=cfg.data.name)
     log.info("%s: %s blocks, %d prompts", cfg.data.name, {s: len(b) for s, b in blocks.items()}, len(prompts))
 
     tracker = make_tracker(cfg.tracker, run_name=run_id, config=resolved, directory=output_dir)
     checkpoints = output_dir / "checkpoints"
     trainer = build_trainer(cfg, model, output_dir=checkpoints, run_name=run_id, report_to=tracker.report_to,
                             train_dataset=blocks["train"], eval_dataset=blocks["validation"])
-    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(checkpoints))
+    resume_from = resume_checkpoint(checkpoints)
+    if resume_from:
+        log.info("Resuming training from %s", resume_from)
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     validation = trainer.evaluate()
     test = trainer.evaluate(eval_dataset=blocks["test"], metric_key_prefix="test")
     train_seconds = time.time() - started
@@ -66,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     featurizer = Featurizer(cfg.metrics.featurizer, max_text_length=cfg.metrics.max_text_length,
                             batch_size=cfg.metrics.batch_size)
     gold_features = featurizer([p.gold for p in prompts])
-    words = cfg.data.prompts.continuation_words
+    words = cfg.prompts.continuation_words
     continuations, mauves, per_seed_div = {}, [], []
     for seed in seeds:
         samples = sample_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
@@ -106,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
         "test_loss": test["test_loss"],
         "test_perplexity": math.exp(test["test_loss"]),
         "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
-                  "best_checkpoint": trainer.state.best_model_checkpoint},
+                  "best_checkpoint": trainer.state.best_model_checkpoint, "resumed_from": resume_from},
         "seconds": {"train_and_eval": train_seconds, "total": time.time() - started},
     }
     if cfg.data.source == "oracle":
@@ -126,30 +131,10 @@ def run(cfg: DictConfig) -> dict:
                         jsonl={"generations.jsonl": generations})
     log.info("MAUVE %.4f ± %.4f, test ppl %.2f -> %s", metrics["mauve"]["mean"], metrics["mauve"]["std"],
              metrics["test_perplexity"], run_dir)
-    tracker.log_metrics(flat_metrics(metrics))
+    tracker.log_metrics(scalar_metrics(metrics))
     tracker.log_table("summary", pd.DataFrame([{"objective": metrics["objective"], "corpus": metrics["corpus"],
-                                                **flat_metrics(metrics)}]))
+                                                **scalar_metrics(metrics)}]))
     tracker.log_table("samples", pd.DataFrame([g for g in generations if g["seed"] == seeds[0]]))
     tracker.finish()
     return metrics
 
-
-def oracle_metrics(model, tokenizer, data_cfg: DictConfig) -> dict[str, float]:
-    """Exact distances of `model` from the synthetic oracle of a `data=oracle` config (`experiments.pipeline.oracle.exact_metrics`)."""
-    from experiments.pipeline.oracle import OracleLanguage, exact_metrics
-
-    oracle = OracleLanguage(**OmegaConf.to_container(data_cfg.oracle, resolve=True))
-    return exact_metrics(model, tokenizer, oracle, **OmegaConf.to_container(data_cfg.exact_metrics, resolve=True))
-
-
-def flat_metrics(metrics: dict) -> dict[str, float]:
-    """Scalar view of metrics.json for trackers: `mauve`, `mauve_std`, `distinct_2`, `test_perplexity`,
-    `oracle.forward_kl` (data=oracle), ..."""
-    flat = {"mauve": metrics["mauve"]["mean"], "mauve_std": metrics["mauve"]["std"]}
-    for key, value in metrics["diversity"].items():
-        flat[key] = value["mean"]
-    for key in ("eval_loss", "eval_perplexity", "test_loss", "test_perplexity"):
-        flat[key] = metrics[key]
-    for key, value in metrics.get("oracle", {}).items():
-        flat[f"oracle.{key}"] = value
-    return flat

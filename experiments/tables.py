@@ -1,46 +1,166 @@
-"""Aggregate Track-1 runs into tables: `python -m experiments.tables` (or `make tables`).
+"""Aggregate runs into tables: `python -m experiments.tables [--experiment NAME|all]` (or `make tables`).
 
-Writes `<results>/tables/lm_mauve.{md,csv,tex}` (rows = objectives, columns = corpora, cells = MAUVE mean ± std over
-sampling seeds, best per corpus in bold) and the same for test perplexity (`lm_perplexity.*`, lower is better).
-When several runs share an (objective, corpus) cell, the most recent one (by run id) is used. With runs of several
-models, rows are `model / objective`.
+Every builder in `TABLE_BUILDERS` (experiment kind -> `builder(runs) -> {table name: Table}`) sees the loaded runs,
+keeps those it understands and returns its tables; `write_tables` writes each as `<results>/tables/<name>.{md,csv,tex}`
+(cells `mean ± std`, best per column in bold; the CSV holds the numbers). Track 1 (`lm`) writes `lm_mauve` (rows =
+objectives, columns = corpora, MAUVE over sampling seeds) and `lm_perplexity` (test perplexity, lower is better).
+
+Tables never merge different experiments. A run's identity is its `setup` (the resolved config without seeds and
+bookkeeping, `experiments.pipeline.records.run_setup`) plus the sizes derived from config and data (`DERIVED_SIZES`);
+records without a setup fall back to the `FALLBACK_IDENTITY` fields of metrics.json. Runs of the same identity that
+differ only in their seeds are aggregated into one cell (values pooled, `(n=3)` says how many runs); a rerun with the
+same seeds replaces the earlier one. Runs of different identities get their own rows, labelled with what differs,
+e.g. `emo (decoding=top_p)` or `emo (objective.hparams.gt_q=true)`; two that would still share a cell are an error.
+
+A new track registers one builder: `TABLE_BUILDERS["kind"] = my_tables`, where `my_tables` typically calls
+`pivot_table(runs, read=..., higher_better=..., decimals=..., column="task")` and wraps the result with a caption.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
-from experiments.pipeline.records import load_runs
+from experiments.pipeline.icl_table import icl_tables
+from experiments.pipeline.records import flatten, load_runs
+from experiments.pipeline.winrate_table import instruct_tables
 
 CORPUS_ORDER = ("wikitext2", "wikitext103", "webtext", "ptb", "writingprompts", "ag_news")
 OBJECTIVE_ORDER = ("mle", "mixce", "tailr", "tvd", "emo", "emo2", "adaptive_emo")
-TABLES = {  # name -> (how to read (mean, std) from metrics.json, higher is better, decimals)
-    "lm_mauve": (lambda m: (m["mauve"]["mean"], m["mauve"]["std"]), True, 3),
-    "lm_perplexity": (lambda m: (m["test_perplexity"], None), False, 2),
-}
+DERIVED_SIZES = ("num_prompts", "max_new_tokens")
+"""metrics.json sizes that follow from config and data; part of every run's identity (the data may have changed)."""
+FALLBACK_IDENTITY = ("model", "corpus", "objective", "objective_name", "objective_hparams", "decoding", "featurizer",
+                     *DERIVED_SIZES)
+"""metrics.json fields that identify a run recorded without a `setup` (older records)."""
 
 
-def ordered(values, preferred: Sequence[str]) -> list[str]:
-    """Distinct `values` in `preferred` order (by the part after the last ' / '), unknown ones last, by name."""
+class Table(NamedTuple):
+    """A built table: `values` (numbers, written to CSV), `cells` (formatted strings, written to md/tex), caption."""
+
+    values: pd.DataFrame
+    cells: pd.DataFrame
+    caption: str = ""
+
+
+@dataclass
+class RunGroup:
+    """Runs of one experiment setup (repeats that differ only in seeds): one table row within one column."""
+
+    base: str                  # the row field's value (e.g. the objective label)
+    label: str                 # base plus what distinguishes this setup from the others, e.g. `emo (decoding=top_p)`
+    column: str | None
+    runs: list[dict] = field(default_factory=list)
+
+
+def run_identity(run: Mapping) -> dict[str, str]:
+    """Flat `{key: canonical JSON value}` of what identifies a run's experiment: its `setup` and `DERIVED_SIZES`
+    (else the `FALLBACK_IDENTITY` fields)."""
+    fields = FALLBACK_IDENTITY if run.get("setup") is None else DERIVED_SIZES
+    identity = {**(run.get("setup") or {}), **{key: run[key] for key in fields if key in run}}
+    return {key: json.dumps(value, sort_keys=True) for key, value in flatten(identity).items()}
+
+
+def _seeds(run: Mapping) -> str:
+    seeds = run.get("seeds") or {key: run.get(key) for key in ("seed", "sampling_seeds")}
+    return json.dumps(seeds, sort_keys=True, default=str)
+
+
+def latest_repeats(runs: Sequence[Mapping]) -> list[dict]:
+    """Drop reruns: of runs with the same identity and the same seeds, keep the most recent (largest run id)."""
+    latest = {}
+    for run in sorted(runs, key=lambda r: str(r.get("run_id", ""))):
+        latest[(json.dumps(run_identity(run), sort_keys=True), _seeds(run))] = run
+    return list(latest.values())
+
+
+def _display(key: str, value: str) -> str:
+    text = json.loads(value) if value != "null" else None
+    return f"{key}={text if isinstance(text, str) else json.dumps(text)}"
+
+
+def _distinguishing(identities: list[dict[str, str]]) -> list[str]:
+    """Keys whose value is not the same in all `identities` (a missing key counts as a value)."""
+    keys = sorted({k for identity in identities for k in identity})
+    return [k for k in keys if len({identity.get(k, "<unset>") for identity in identities}) > 1]
+
+
+def _label_parts(identity: dict[str, str], keys: Sequence[str]) -> list[str]:
+    """`key=value` for `keys`; when a config group's `name` differs, `group=name` stands for the whole group."""
+    named = {k[: -len(".name")] for k in keys if k.endswith(".name")}
+    parts = []
+    for key in keys:
+        group = key.rsplit(".", 1)[0] if "." in key else None
+        if key.endswith(".name") and group in named:
+            parts.append(_display(group, identity.get(key, "null")))
+        elif group is None or not any(key.startswith(f"{g}.") for g in named):
+            parts.append(_display(key, identity.get(key, "null")))
+    return parts
+
+
+def group_runs(runs: Sequence[Mapping], *, row: str = "objective", column: str | None = "corpus") -> list[RunGroup]:
+    """Group runs into table cells: one group per (experiment identity, `column` value), labelled by `row`.
+
+    Keys that differ between runs of the same column go into every row label; keys under the row field's own name
+    (`objective.hparams.*`, `objective_hparams`) only into the labels of rows with the same base, since different
+    objectives naturally have different ones. Raises ValueError if two different setups would share a cell.
+    """
+    runs = latest_repeats(runs)
+    by_setup: dict[tuple, RunGroup] = {}
+    identities: dict[tuple, dict[str, str]] = {}
+    for run in runs:
+        identity = run_identity(run)
+        key = (json.dumps(identity, sort_keys=True), run.get(column) if column else None)
+        if key not in by_setup:
+            by_setup[key] = RunGroup(base=str(run[row]), label=str(run[row]), column=key[1])
+            identities[key] = identity
+        by_setup[key].runs.append(dict(run))
+
+    def own(k: str) -> bool:
+        return k.startswith((f"{row}.", f"{row}_"))
+
+    shared_keys, own_keys = set(), {}
+    for col in {g.column for g in by_setup.values()}:
+        in_column = [k for k, g in by_setup.items() if g.column == col]
+        shared_keys |= {k for k in _distinguishing([identities[i] for i in in_column]) if not own(k) and k != row}
+        for base in {by_setup[i].base for i in in_column}:
+            same_base = [identities[i] for i in in_column if by_setup[i].base == base]
+            own_keys.setdefault(base, set()).update(k for k in _distinguishing(same_base) if own(k))
+
+    cells: dict[tuple, RunGroup] = {}
+    for key, group in by_setup.items():
+        parts = _label_parts(identities[key], sorted(shared_keys | own_keys[group.base]))
+        group.label = f"{group.base} ({', '.join(parts)})" if parts else group.base
+        other = cells.setdefault((group.label, group.column), group)
+        if other is not group:
+            raise ValueError(f"Runs of different setups share the table cell ({group.label}, {group.column}): "
+                             f"{[r.get('run_dir', r.get('run_id')) for r in other.runs + group.runs]}")
+    return list(by_setup.values())
+
+
+def ordered(values, preferred: Sequence[str], base: Callable[[str], str] = lambda v: v) -> list[str]:
+    """Distinct `values` in `preferred` order (of `base(value)`), unknown ones last, ties by name."""
     rank = {name: i for i, name in enumerate(preferred)}
-    return sorted(set(values), key=lambda v: (rank.get(v.split(" / ")[-1], len(rank)), v))
+    return sorted(set(values), key=lambda v: (rank.get(base(v), len(rank)), v))
 
 
-def latest_runs(runs: list[dict]) -> pd.DataFrame:
-    """One row per (model, objective, corpus): the most recent run (run ids start with a UTC timestamp)."""
-    frame = pd.DataFrame(runs)
-    if frame.empty:
-        return frame
-    frame = frame.sort_values("run_id").groupby(["model", "objective", "corpus"], as_index=False).last()
-    multi_model = frame["model"].nunique() > 1
-    frame["row"] = [f"{m} / {o}" if multi_model else o for m, o in zip(frame["model"], frame["objective"])]
-    return frame
+def aggregate(group: RunGroup, read: Callable[[Mapping], object]) -> tuple[float, float | None, int]:
+    """`(mean, std, runs)` of `read` over a group's runs. `read(run)` is a number or a `{"mean", "std", "values"}`
+    summary (e.g. MAUVE over sampling seeds): a single run keeps its own mean and std; several runs pool their values.
+    The std is the sample std (None for a single number)."""
+    readings = [read(run) for run in group.runs]
+    if len(readings) == 1 and isinstance(readings[0], Mapping):
+        return float(readings[0]["mean"]), float(readings[0]["std"]), 1
+    values = [float(v) for r in readings for v in (r.get("values") or [r["mean"]] if isinstance(r, Mapping) else [r])]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(readings)
 
 
 def bold_best(cells: pd.DataFrame, column: str, numbers: pd.Series, higher_better: bool) -> None:
@@ -51,68 +171,126 @@ def bold_best(cells: pd.DataFrame, column: str, numbers: pd.Series, higher_bette
             cells.loc[row, column] = f"**{cells.loc[row, column]}**"
 
 
-def build_table(runs: list[dict], name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`(values, cells)`: numbers (rows x `<corpus> mean`/`<corpus> std`) and `mean ± std` strings with `**best**`."""
-    read, higher_better, decimals = TABLES[name]
-    frame = latest_runs(runs)
-    if frame.empty:
-        return pd.DataFrame(), pd.DataFrame()
-    stats = {(r["row"], r["corpus"]): read(r) for r in frame.to_dict("records")}
-    rows, cols = ordered(frame["row"], OBJECTIVE_ORDER), ordered(frame["corpus"], CORPUS_ORDER)
-    values = pd.DataFrame(index=rows, columns=[f"{c} {s}" for c in cols for s in ("mean", "std")], dtype=float)
+def pivot_table(runs: Sequence[Mapping], *, read: Callable[[Mapping], object], higher_better: bool, decimals: int,
+                row: str = "objective", column: str = "corpus", row_order: Sequence[str] = OBJECTIVE_ORDER,
+                column_order: Sequence[str] = ()) -> Table:
+    """Rows = experiment setups labelled by `row`, columns = values of `column`, cells = `aggregate(read)`.
+
+    `values` has `<col> mean` and `<col> std` columns (and `<col> runs` when some cell pools several runs);
+    `cells` has `mean ± std` strings (` (n=3)` for pooled runs), the best per column in bold. Empty without runs.
+    """
+    groups = group_runs(runs, row=row, column=column)
+    if not groups:
+        return Table(pd.DataFrame(), pd.DataFrame())
+    bases = {g.label: g.base for g in groups}
+    rows = ordered(bases, row_order, base=bases.get)
+    cols = ordered([g.column for g in groups], column_order)
+    stats = {(g.label, g.column): aggregate(g, read) for g in groups}
+    pooled = any(n > 1 for _, _, n in stats.values())
+    suffixes = ("mean", "std", "runs") if pooled else ("mean", "std")
+    values = pd.DataFrame(index=rows, columns=[f"{c} {s}" for c in cols for s in suffixes], dtype=float)
     cells = pd.DataFrame("–", index=rows, columns=cols)
-    for (row, col), (mean, std) in stats.items():
-        values.loc[row, f"{col} mean"], values.loc[row, f"{col} std"] = mean, std
-        cells.loc[row, col] = f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+    for (label, col), (mean, std, n) in stats.items():
+        values.loc[label, f"{col} mean"], values.loc[label, f"{col} std"] = mean, std
+        if pooled:
+            values.loc[label, f"{col} runs"] = n
+        cells.loc[label, col] = (f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+                                 + (f" (n={n})" if n > 1 else ""))
     for col in cols:
         bold_best(cells, col, values[f"{col} mean"], higher_better)
-    values.index.name = cells.index.name = "objective"
-    return values, cells
+    values.index.name = cells.index.name = row
+    cells.columns.name = column
+    return Table(values, cells)
+
+
+def lm_tables(runs: Sequence[Mapping]) -> dict[str, Table]:
+    """Track 1: `lm_mauve` and `lm_perplexity` (rows = objectives, columns = corpora) from runs with MAUVE."""
+    runs = [r for r in runs if "mauve" in r and "test_perplexity" in r]
+    specs = {  # name -> (read, higher is better, decimals, caption)
+        "lm_mauve": (lambda m: m["mauve"], True, 3, "MAUVE (mean ± std over sampling seeds)"),
+        "lm_perplexity": (lambda m: m["test_perplexity"], False, 2, "Test perplexity"),
+    }
+    tables = {}
+    for name, (read, higher_better, decimals, caption) in specs.items():
+        table = pivot_table(runs, read=read, higher_better=higher_better, decimals=decimals,
+                            column_order=CORPUS_ORDER)
+        tables[name] = table._replace(caption=caption)
+    return tables
+
+
+TABLE_BUILDERS: dict[str, Callable[[Sequence[Mapping]], Mapping[str, Table]]] = {
+    "lm": lm_tables,
+    "instruct": instruct_tables,
+    "icl": icl_tables,
+}
+"""Experiment kind -> builder(runs) -> {table name: Table or (values, cells[, caption])}."""
 
 
 def _tex_escape(text: str) -> str:
     return text.replace("_", r"\_").replace("±", r"$\pm$").replace("–", "--")
 
 
-def _latex(cells: pd.DataFrame, caption: str) -> str:
+def latex(cells: pd.DataFrame, caption: str) -> str:
+    """A booktabs `table` environment for formatted cells (`**x**` becomes `\\textbf{x}`)."""
     def tex(cell: str) -> str:
         return rf"\textbf{{{_tex_escape(cell[2:-2])}}}" if cell.startswith("**") else _tex_escape(cell)
 
-    header = " & ".join(["objective", *[_tex_escape(c) for c in cells.columns]])
+    header = " & ".join([_tex_escape(cells.index.name or ""), *[_tex_escape(str(c)) for c in cells.columns]])
     lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{l{'c' * len(cells.columns)}}}", r"\toprule",
              header + r" \\", r"\midrule"]
-    lines += [" & ".join([_tex_escape(row), *[tex(c) for c in cells.loc[row]]]) + r" \\" for row in cells.index]
+    lines += [" & ".join([_tex_escape(str(row)), *[tex(str(c)) for c in cells.loc[row]]]) + r" \\"
+              for row in cells.index]
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex_escape(caption)}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
+def write_table_files(name: str, values: pd.DataFrame, cells: pd.DataFrame, out_dir: str | Path,
+                      caption: str) -> Path:
+    """Write `out_dir/<name>.{md,csv,tex}` atomically (each via a temporary file); returns the markdown path.
+
+    `caption` (a sentence without its final period) heads the markdown, which adds "best per <columns' name> in
+    bold", and captions the LaTeX table; the CSV holds `values`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_paths = {suffix: out_dir / f".{name}.{suffix}.tmp" for suffix in ("md", "tex", "csv")}
+    best = f"best per {cells.columns.name or 'column'} in bold"
+    tmp_paths["md"].write_text(f"{caption}; {best}.\n\n{cells.to_markdown(disable_numparse=True)}\n")
+    tmp_paths["tex"].write_text(latex(cells, f"{caption}."))
+    values.to_csv(tmp_paths["csv"], quoting=csv.QUOTE_MINIMAL)
+    for suffix, tmp in tmp_paths.items():
+        os.replace(tmp, out_dir / f"{name}.{suffix}")
+    return out_dir / f"{name}.md"
+
+
+def build_tables(runs: Sequence[Mapping]) -> dict[str, Table]:
+    """Every non-empty table of every registered builder, by name (names must be unique across builders)."""
+    tables = {}
+    for kind, builder in TABLE_BUILDERS.items():
+        for name, result in builder(runs).items():
+            table = Table(*result)
+            if table.cells.empty:
+                continue
+            if name in tables:
+                raise ValueError(f"Table name {name!r} of builder {kind!r} is already used by another builder.")
+            tables[name] = table
+    return tables
+
+
 def write_tables(results_dir: str | Path, experiment: str | None = None) -> dict[str, Path]:
-    """Write every table in `TABLES` under `results_dir/tables/`; returns {name: markdown path} for non-empty ones."""
-    runs = [r for r in load_runs(results_dir, experiment) if "mauve" in r]
-    out_dir = Path(results_dir) / "tables"
+    """Write every table built from the runs under `results_dir` (optionally one experiment) to
+    `results_dir/tables/`; returns {name: markdown path}."""
+    scope = f"experiment {experiment}" if experiment else "all experiments"
     written = {}
-    for name in TABLES:
-        values, cells = build_table(runs, name)
-        if cells.empty:
-            continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        what = "MAUVE (mean ± std over sampling seeds)" if name == "lm_mauve" else "Test perplexity"
-        scope = f"experiment {experiment}" if experiment else "all experiments"
-        tmp_paths = {}
-        for suffix, text in (("md", f"{what}, {scope}; best per corpus in bold.\n\n{cells.to_markdown()}\n"),
-                             ("tex", _latex(cells, f"{what}, {scope}."))):
-            tmp_paths[suffix] = out_dir / f".{name}.{suffix}.tmp"
-            tmp_paths[suffix].write_text(text)
-        tmp_paths["csv"] = out_dir / f".{name}.csv.tmp"
-        values.to_csv(tmp_paths["csv"], quoting=csv.QUOTE_MINIMAL)
-        for suffix, tmp in tmp_paths.items():
-            os.replace(tmp, out_dir / f"{name}.{suffix}")
-        written[name] = out_dir / f"{name}.md"
+    for name, table in build_tables(load_runs(results_dir, experiment)).items():
+        pooled = table.cells.map(lambda cell: "(n=" in str(cell)).to_numpy().any()
+        caption = (f"{table.caption or name}, {scope}"
+                   + ("; (n=k): k runs pooled that differ only in their seeds" if pooled else ""))
+        written[name] = write_table_files(name, table.values, table.cells, Path(results_dir) / "tables", caption)
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: aggregate runs and print the MAUVE table."""
+    """CLI: aggregate runs, write and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default=os.environ.get("EMO_RESULTS_DIR", "results"))
     parser.add_argument("--experiment", default="lm_gpt2", help="experiment name; 'all' for every experiment")
@@ -121,11 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiment = None if args.experiment == "all" else args.experiment
     written = write_tables(args.results_dir, experiment)
     if not written:
-        print(f"No Track-1 runs found under {args.results_dir} (experiment: {args.experiment}).")
+        print(f"No runs with a table under {args.results_dir} (experiment: {args.experiment}).")
         return 1
     for name, path in written.items():
         print(f"{name}: {path.with_suffix('')}.{{md,csv,tex}}")
-    print(written["lm_mauve"].read_text() if "lm_mauve" in written else "")
+        print(path.read_text())
     if args.wandb_project:
         log_tables_to_wandb(args.wandb_project, args.results_dir, experiment)
     return 0
@@ -135,13 +313,10 @@ def log_tables_to_wandb(project: str, results_dir: str | Path, experiment: str |
     """Log the formatted tables as `wandb.Table`s in one W&B run (honours WANDB_MODE)."""
     from experiments.pipeline.tracking import WandbTracker
 
-    runs = [r for r in load_runs(results_dir, experiment) if "mauve" in r]
     tracker = WandbTracker(project=project, name=f"tables-{experiment or 'all'}", config={"experiment": experiment},
                            directory=Path(results_dir) / "tables")
-    for name in TABLES:
-        _, cells = build_table(runs, name)
-        if not cells.empty:
-            tracker.log_table(name, cells)
+    for name, table in build_tables(load_runs(results_dir, experiment)).items():
+        tracker.log_table(name, table.cells)
     tracker.finish()
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from emo import CostEmbedding, cost_embedding_from_model, load_cost_embedding
-from test_training import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize("build_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])

@@ -6,7 +6,8 @@ import time
 import datasets
 import pytest
 
-from experiments.pipeline.data import DataError, blocks_fingerprint, derive_missing_splits, load_text_splits, pack_blocks
+from experiments.pipeline.data import (DataError, blocks_fingerprint, derive_missing_splits, load_text_splits,
+                                       pack_blocks)
 from emo.hub import OfflineError
 
 BASE = {"name": "t", "source": "files", "text_column": "text", "validation_fraction": 0.05, "test_fraction": 0.5,

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 import emo
 from emo import cost_embedding_from_model, linear_lm_loss, lm_loss
 from emo.training import ObjectiveLoss, ObjectiveTrainer
-from test_training import padded_dataset, tiny_gpt2, tiny_llama, train_once
+from helpers import padded_dataset, tiny_gpt2, tiny_llama, train_once
 
 
 def _inputs(seed, batch, seq, hidden, vocab, width, ignore_fraction, dtype=torch.float32):
@@ -66,6 +66,22 @@ def test_fused_half_precision_is_finite_and_close(dtype):
     assert fused.item() == pytest.approx(reference.item(), rel=2e-2)
 
 
+def test_fused_follows_autocast_like_the_materialized_head():
+    """Under bf16 autocast the head runs in bf16 in both paths: same values and gradients up to bf16 rounding."""
+    h, weight, bias, labels, cost = _inputs(6, 2, 12, 16, 80, 8, 0.2)
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = linear_lm_loss(h, weight, labels, objective="emo", lm_head_bias=bias, cost_embedding=cost)
+            else:
+                loss = lm_loss(torch.nn.functional.linear(h, weight, bias), labels, objective="emo", cost_embedding=cost)
+        results.append(_run(lambda: loss, [h, weight, bias], "mean"))
+    for ours, expected in zip(*results):
+        assert ours.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(ours, expected, rtol=2e-2, atol=1e-3)
+
+
 def test_fused_tied_weight_accumulates_both_uses():
     """With tied embeddings the head weight is also the input embedding: gradients from both paths add up."""
     torch.manual_seed(0)
@@ -105,24 +121,37 @@ def test_fused_rejects_mismatched_head():
         linear_lm_loss(h, weight, labels, objective="emo", cost_embedding=torch.randn(21, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("objective", ["mle", "emo", "adaptive_emo"])
-def test_fused_training_matches_materialized(build_model, objective, tmp_path, monkeypatch):
-    results = {}
-    for impl in ("materialized", "fused"):
-        monkeypatch.setattr(ObjectiveLoss, "__init__", _with_impl(ObjectiveLoss.__init__, impl))
-        results[impl] = train_once(build_model, objective, batch_size=2, accumulation=2, tmp_path=tmp_path / impl, steps=3)
+def test_fused_training_matches_materialized(build_model, objective, tmp_path):
+    """Through ObjectiveTrainer: the fused loss reads ``hidden_states[-1]`` (the final, normed state) and matches."""
+    results = {
+        impl: train_once(build_model, objective, batch_size=2, accumulation=2, tmp_path=tmp_path, steps=3, impl=impl)
+        for impl in ("materialized", "fused")
+    }
     (model_m, losses_m), (model_f, losses_f) = results["materialized"], results["fused"]
     assert losses_f == pytest.approx(losses_m, rel=1e-4)
     for p_m, p_f in zip(model_m.parameters(), model_f.parameters()):
         torch.testing.assert_close(p_f, p_m, rtol=1e-4, atol=1e-5)
 
 
-def _with_impl(init, impl):
-    def patched(self, *args, **kwargs):
-        init(self, *args, **{**kwargs, "impl": impl})
-
-    return patched
+@pytest.mark.parametrize("build_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_fused_contract_with_the_model(build_model):
+    """``forward_kwargs`` makes the model skip the logits and return the last hidden state; ``__call__`` then gives
+    the same loss as on full logits, and without those outputs it says what is missing."""
+    torch.manual_seed(0)
+    model = build_model().eval()
+    batch = {k: torch.tensor(v) for k, v in padded_dataset(num_rows=3)[:].items()}
+    labels = batch.pop("labels")
+    loss = ObjectiveLoss("emo2", cost_embedding=cost_embedding_from_model(model), model=model, impl="fused")
+    assert loss.forward_kwargs(training=False, device="cpu") == {}
+    extra = loss.forward_kwargs(training=True, device="cpu")
+    outputs = model(**batch, **extra)
+    assert outputs.logits.shape[1] == 0
+    torch.testing.assert_close(loss(outputs, labels), loss(model(**batch), labels))
+    with pytest.raises(ValueError, match="neither logits nor a last hidden state"):
+        loss({"logits": outputs.logits}, labels)
 
 
 def test_fused_refuses_lora_on_lm_head(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from experiments.pipeline.generation import (Prompt, continuation_token_budget, extract_prompts, generation_records,
-                            sample_continuations, truncate_words)
+                                             prompts_from_config, sample_continuations, truncate_words)
 
 WORDS = " ".join(f"w{i}" for i in range(60))
 
@@ -21,6 +21,16 @@ def test_extract_prompts_applies_the_reference_filter():
                                               min_extra_words=10, scan_rows=4)] == [2, 3]
     assert len(extract_prompts(rows, prefix_words=5, continuation_words=20, min_chars=100, min_extra_words=10,
                                max_prompts=1)) == 1
+
+
+def test_prompts_from_the_corpus_prompt_config(compose_cfg):
+    rows = ["== heading == " + WORDS, WORDS + " " + WORDS]
+    prompts = prompts_from_config(rows, compose_cfg("data=ptb").prompts, corpus="ptb")
+    assert [(p.index, len(p.prefix.split()), len(p.continuation.split())) for p in prompts] == [(1, 5, 25)]
+    with pytest.raises(ValueError, match=r"no test row passes the prompt filter"):
+        prompts_from_config(rows[:1], compose_cfg("data=ptb").prompts, corpus="ptb")
+    with pytest.raises(ValueError, match=r"No Track-1 prompt settings for data=mine: add conf/prompts/mine.yaml"):
+        prompts_from_config(rows, None, corpus="mine")
 
 
 def test_token_budget_and_truncation(gpt2_tokenizer):

@@ -27,8 +27,14 @@ def check_run(run_dir):
     assert 0.0 < metrics["mauve"]["mean"] <= 1.0 and len(metrics["mauve"]["values"]) == 2
     assert 1.0 < metrics["test_perplexity"] < 2 * 50257 and metrics["train"]["global_step"] == 2
     assert 0.0 <= metrics["diversity"]["distinct_2"]["mean"] <= 1.0
-    assert set(manifest) >= {"config", "git_commit", "packages", "seeds", "data_fingerprint", "hardware"}
-    assert manifest["config"]["objective"]["name"] == metrics["objective"]
+    assert set(manifest) >= {"config", "setup", "git_commit", "packages", "seeds", "data_fingerprint", "hardware"}
+    assert manifest["config"]["objective"]["label"] == metrics["objective"]
+    assert metrics["objective_name"] == manifest["config"]["objective"]["name"]
+    assert metrics["objective_hparams"] == manifest["config"]["objective"]["hparams"]
+    assert manifest["setup"]["prompts.prefix_words"] == 10 and "seed" not in manifest["setup"]
+    assert manifest["seeds"] == {"training": 42, "sampling": [0, 1], "mauve_kmeans": [25]}
+    assert manifest["packages"]["scikit-learn"] and manifest["packages"]["peft"] and manifest["packages"]["faiss-cpu"]
+    assert metrics["train"]["resumed_from"] is None
     assert len(manifest["data_fingerprint"]["blocks_sha256"]["all"]) == 64
     assert len(rows) == 16 and {r["seed"] for r in rows} == {0, 1}
     assert all(r["prediction"].startswith(r["prefix"]) and r["gold"].startswith(r["prefix"]) for r in rows)

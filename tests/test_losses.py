@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import emo
 from emo import CostEmbedding, EMOLoss, lm_loss
-from reference_emoloss import load_reference_emoloss
+from helpers import load_reference_emoloss
 
 
 @pytest.fixture(scope="module")

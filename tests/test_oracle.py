@@ -7,7 +7,8 @@ import torch
 from scipy import stats
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from experiments.pipeline.oracle import PERIOD_ID, OracleLanguage, OracleLM, exact_metrics, make_tokenizer, write_corpus
+from experiments.pipeline.oracle import (PERIOD_ID, OracleLanguage, OracleLM, exact_metrics, make_tokenizer,
+                                         oracle_metrics, write_corpus)
 
 TINY = dict(vocab_size=16, num_states=6, sentence_length=4.0, sentences_per_document=2.0, smoothing=0.02)
 
@@ -80,6 +81,14 @@ def test_perfect_student_scores_zero(oracle, tokenizer):
         assert metrics["student_entropy"] == pytest.approx(metrics["oracle_entropy"])
         assert metrics["cross_entropy"] == pytest.approx(metrics["oracle_cross_entropy"])
     assert metrics["oracle_cross_entropy"] == pytest.approx(metrics["oracle_entropy"], abs=0.1)
+
+
+def test_oracle_metrics_from_the_data_config(oracle, tokenizer, compose_cfg):
+    data = compose_cfg("data=oracle", "data.exact_metrics.num_documents=20").data
+    student = OracleLM(oracle, total_vocab_size=len(tokenizer))
+    metrics = oracle_metrics(student, tokenizer, data)
+    assert metrics["tvd"] < 1e-9 and 3.0 < metrics["oracle_entropy"] < 4.2
+    assert metrics == exact_metrics(student, tokenizer, oracle, num_documents=20, max_length=128, batch_size=32)
 
 
 def test_exact_metrics_agree_with_monte_carlo():

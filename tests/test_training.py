@@ -1,80 +1,15 @@
 """The Trainer integration: label shifting, padding, and gradient-accumulation equivalence on tiny GPT-2 and Llama."""
 import pytest
 import torch
-from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
+import emo
 from emo import cost_embedding_from_model, lm_loss
 from emo.training import ObjectiveLoss, ObjectiveTrainer
-
-VOCAB = 64
-
-
-def tiny_gpt2():
-    config = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    return GPT2LMHeadModel(config)
+from helpers import VOCAB, padded_dataset, tiny_gpt2, tiny_llama, train_once
 
 
-def tiny_llama():
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def padded_dataset(num_rows=8, seq_len=12, seed=0):
-    """Rows of different true lengths, right-padded with -100 labels, so per-batch means differ from token means."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(num_rows):
-        ids = torch.randint(0, VOCAB, (seq_len,), generator=gen)
-        length = 3 + (i * 5) % (seq_len - 2)
-        mask = torch.arange(seq_len) < length
-        labels = torch.where(mask, ids, torch.tensor(-100))
-        rows.append({"input_ids": ids.tolist(), "attention_mask": mask.long().tolist(), "labels": labels.tolist()})
-    return Dataset.from_list(rows)
-
-
-def train_once(build_model, objective, batch_size, accumulation, tmp_path, steps=2):
-    torch.manual_seed(0)
-    model = build_model()
-    cost = cost_embedding_from_model(model)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"{objective}-{batch_size}x{accumulation}"),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=steps,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
-    trainer = ObjectiveTrainer(
-        model=model,
-        args=args,
-        train_dataset=padded_dataset(),
-        objective_loss=ObjectiveLoss(objective, cost_embedding=cost),
-    )
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return model, losses
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("build_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("objective", ["mle", "mixce", "emo", "adaptive_emo"])
 def test_gradient_accumulation_equals_one_big_batch(build_model, objective, tmp_path):
@@ -96,19 +31,27 @@ def test_loss_matches_hf_cross_entropy_for_mle():
     torch.testing.assert_close(ours, outputs.loss)
 
 
-def test_evaluation_reports_cross_entropy(tmp_path):
+@pytest.mark.parametrize("impl", ["materialized", "fused"])
+@pytest.mark.parametrize("objective", emo.OBJECTIVES)
+def test_evaluation_reports_cross_entropy(objective, impl, tmp_path):
+    """``eval_loss`` is the true token CE for every objective and implementation."""
     torch.manual_seed(0)
     model = tiny_gpt2()
     data = padded_dataset(num_rows=4)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
-    trainer = ObjectiveTrainer(
-        model=model, args=args, eval_dataset=data, objective_loss=ObjectiveLoss("emo2", cost_embedding=cost_embedding_from_model(model))
-    )
+    loss = ObjectiveLoss(objective, cost_embedding=cost_embedding_from_model(model), impl=impl)
+    trainer = ObjectiveTrainer(model=model, args=args, eval_dataset=data, objective_loss=loss)
     eval_loss = trainer.evaluate()["eval_loss"]
     inputs = {k: torch.tensor(v) for k, v in data[:].items()}
     with torch.no_grad():
         expected = lm_loss(model(**inputs).logits, inputs["labels"], objective="mle")
     assert eval_loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_live_head_objective_needs_the_model():
+    loss = ObjectiveLoss("adaptive_emo")
+    with pytest.raises(ValueError, match="reads the model's LM head: pass model="):
+        loss({"logits": torch.randn(1, 3, VOCAB)}, torch.tensor([[1, 2, 3]]))
 
 
 def test_missing_cost_embedding_is_a_clear_error():

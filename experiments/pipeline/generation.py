@@ -1,4 +1,4 @@
-"""Prompts from test-set text and batched, KV-cached sampling of continuations (Track 1 protocol, NOTES §3).
+"""Prompts from test-set text and batched, KV-cached sampling of continuations (the Track-1 protocol).
 
 A prompt is the first `prefix_words` whitespace words of a test row; its gold text is the prefix plus the next
 `continuation_words` words. Predictions are the prefix plus the first `continuation_words` words of the sampled
@@ -53,6 +53,19 @@ def extract_prompts(texts: Iterable[str], *, prefix_words: int, continuation_wor
             continue
         prompts.append(Prompt(i, " ".join(words[:prefix_words]),
                               " ".join(words[prefix_words:prefix_words + continuation_words])))
+    return prompts
+
+
+def prompts_from_config(texts: Iterable[str], prompts_cfg: Mapping | None, *, corpus: str) -> list[Prompt]:
+    """`extract_prompts` with a `conf/prompts/*.yaml` node; a clear error when the corpus has no prompt settings or
+    no row passes the filter."""
+    if prompts_cfg is None:
+        raise ValueError(f"No Track-1 prompt settings for data={corpus}: add conf/prompts/{corpus}.yaml (see "
+                         "conf/prompts/base.yaml) or reuse another corpus's with prompts=<name>, e.g. prompts=local.")
+    settings = {key: (list(value) if key == "exclude" else value) for key, value in prompts_cfg.items()}
+    prompts = extract_prompts(texts, **settings)
+    if not prompts:
+        raise ValueError(f"Corpus '{corpus}': no test row passes the prompt filter {settings}.")
     return prompts
 
 

@@ -372,6 +372,13 @@ def exact_metrics(
     return metrics
 
 
+def oracle_metrics(model: torch.nn.Module, tokenizer, data_cfg) -> dict[str, float]:
+    """``exact_metrics`` for the oracle and settings of a ``conf/data/oracle.yaml`` node (``oracle``,
+    ``exact_metrics``)."""
+    oracle = OracleLanguage(**dict(data_cfg["oracle"]))
+    return exact_metrics(model, tokenizer, oracle, **dict(data_cfg["exact_metrics"]))
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(-1, keepdims=True))

@@ -22,9 +22,13 @@ from pathlib import Path
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "peft", "hydra-core", "omegaconf",
-                    "mauve-text", "sentence-transformers", "scikit-learn", "faiss-cpu", "faiss-gpu", "openicl", "openai",
-                    "numpy", "wandb", "emo-suite")
+                    "mauve-text", "sentence-transformers", "scikit-learn", "faiss-cpu", "faiss-gpu", "openicl",
+                    "openai", "numpy", "wandb", "emo-suite")
 SCHEMA_VERSION = 1
+SEED_KEYS = ("seed", "generation.base_seed", "metrics.kmeans_seeds")
+BOOKKEEPING_KEYS = ("run_id", "experiment_name", "recipe", "paths", "tracker", "trainer.logging_steps",
+                    "trainer.logging_first_step", "trainer.disable_tqdm", "trainer.save_total_limit",
+                    "trainer.dataloader_num_workers", "trainer.dataloader_pin_memory")
 
 
 def new_run_id(*parts: str) -> str:
@@ -85,16 +89,47 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def flatten(mapping: Mapping, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}, "c": [2]}` -> `{"a.b": 1, "c": [2]}` (lists and empty mappings are kept as values)."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _matches(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def run_setup(cfg, *, seed_keys: Iterable[str] = SEED_KEYS, ignore: Iterable[str] = BOOKKEEPING_KEYS) -> dict:
+    """What makes a run's numbers what they are, for telling experiments apart: the flattened resolved config
+    (dotted keys) without seeds (`seed_keys`: runs differing only there are repeats to aggregate) and bookkeeping
+    (`ignore`: paths, tracker, logging). `paths.*` stay symbolic (`<paths.data_dir>/gpt2_tokenizer`), so the same
+    experiment on another machine or in another run directory has the same setup."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw["paths"] = {key: f"<paths.{key}>" for key in raw.get("paths") or {}}
+    resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    return {key: value for key, value in flatten(resolved).items() if not _matches(key, [*seed_keys, *ignore])}
+
+
 def build_manifest(cfg, *, run_id: str, seeds: Mapping, data_fingerprint: Mapping, output_dir: str | Path,
                    **extra) -> dict:
     """Everything needed to reproduce a run: resolved config, overrides, git commit, package versions, seeds, data
-    fingerprint and hardware (plus any `extra` entries)."""
+    fingerprint and hardware (plus any `extra` entries), and the run's `setup` (`run_setup`), which tables use to
+    keep different experiments apart."""
     from omegaconf import OmegaConf
 
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "setup": run_setup(cfg),
         "overrides": hydra_overrides(),
         "git_commit": git_commit(),
         "packages": package_versions(),
@@ -104,6 +139,13 @@ def build_manifest(cfg, *, run_id: str, seeds: Mapping, data_fingerprint: Mappin
         "output_dir": str(output_dir),
         **extra,
     }
+
+
+def require_new_run(root: str | Path, experiment: str, run_id: str) -> None:
+    """Fail before any work if `root/experiment/run_id` is already a complete run (records are never overwritten)."""
+    if (Path(root) / experiment / run_id).exists():
+        raise FileExistsError(f"Run {run_id!r} of experiment {experiment!r} is already complete: "
+                              f"{Path(root) / experiment / run_id}. Choose another run_id (or none).")
 
 
 def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mapping, manifest: Mapping,
@@ -137,7 +179,8 @@ def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mappin
 
 
 def load_runs(root: str | Path, experiment: str | None = None) -> list[dict]:
-    """All complete runs under `root` (optionally one experiment): metrics.json contents plus `run_dir`.
+    """All complete runs under `root` (optionally one experiment): metrics.json contents plus `run_dir`, and the
+    manifest's `setup` and `seeds` (unless metrics.json has its own).
 
     Hidden (in-progress) directories and the `tables` directory are skipped.
     """
@@ -155,6 +198,11 @@ def load_runs(root: str | Path, experiment: str | None = None) -> list[dict]:
             if run_dir.name.startswith(".") or not metrics_path.is_file():
                 continue
             record = json.loads(metrics_path.read_text())
+            manifest_path = run_dir / MANIFEST_FILE
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+            for key in ("setup", "seeds"):
+                if key in manifest:
+                    record.setdefault(key, manifest[key])
             record["run_dir"] = str(run_dir)
             runs.append(record)
     return runs

@@ -53,6 +53,18 @@ class WandbTracker:
         self.run.finish()
 
 
+def scalar_metrics(metrics: Mapping, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics.json document, flattened for trackers: `{"mauve": {"mean": 0.9}}` ->
+    `{"mauve.mean": 0.9}`; strings, booleans, lists and nulls are left out."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            flat.update(scalar_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def make_tracker(cfg: Mapping, *, run_name: str, config: Mapping, directory: str | Path):
     """Tracker for a `conf/tracker/*.yaml` node (`name: none | wandb`)."""
     if cfg["name"] == "none":

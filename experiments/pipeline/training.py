@@ -6,7 +6,9 @@ A recipe composes them; everything comes from the config (`conf/trainer/*.yaml`,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -18,7 +20,6 @@ from emo.training import ObjectiveLoss, ObjectiveTrainer
 from experiments.pipeline.models import build_cost_embedding
 
 log = logging.getLogger(__name__)
-NON_HF_TRAINER_KEYS = ("mixed_precision", "fsdp_layer_class", "global_batch_size")
 
 
 def precision_flags(mode: str) -> dict:
@@ -37,8 +38,6 @@ def precision_flags(mode: str) -> dict:
 
 def world_size() -> int:
     """Number of training processes (torchrun/accelerate set `WORLD_SIZE`; 1 otherwise)."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -87,8 +86,20 @@ def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: 
         options.pop("global_batch_size", None), options["per_device_train_batch_size"],
         options.get("gradient_accumulation_steps", 1))
     sharding = fsdp_options(options)
+    check_training_argument_names(options)
     return transformers.TrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
                                           run_name=run_name, **options, **precision, **sharding)
+
+
+def check_training_argument_names(options: dict) -> None:
+    """Raise a ValueError naming every trainer config key that this transformers' TrainingArguments lacks."""
+    known = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hint = (" transformers 5 removed warmup_ratio: use warmup_steps: 0.03 (a float < 1 is a fraction of the "
+                "training steps)." if "warmup_ratio" in unknown else "")
+        raise ValueError(f"trainer config keys {unknown} are not TrainingArguments fields in transformers "
+                         f"{transformers.__version__}.{hint}")
 
 
 def objective_loss(objective_cfg: DictConfig, model: torch.nn.Module, *, cost_source: str | None,

@@ -1,0 +1,133 @@
+"""Track 3 recipe: instruction-tune a causal LM on Alpaca-format data with one objective, answer an evaluation
+instruction set, and (with a `judge` config) judge the answers against the set's reference outputs.
+
+Steps: records -> tokenizer (right padding, `sft.model_max_length`) -> model, pad token added with mean-initialised
+rows -> response-only labels -> `ObjectiveTrainer` (the cost embedding is copied from the resized LM head) -> final
+model saved (gathered under FSDP) -> responses in AlpacaEval's format -> pairwise judging -> `results/<experiment>/
+<run-id>/` (`model_outputs.json`, `reference_outputs.json`, `judgements.jsonl`, metrics, manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.pipeline.instruct import (SupervisedCollator, add_pad_token, build_sft_dataset, generate_responses,
+                                           load_instruction_records, load_sft_tokenizer, records_fingerprint,
+                                           reference_outputs)
+from experiments.pipeline.judge_clients import build_judge
+from experiments.pipeline.judging import judge_outputs
+from experiments.pipeline.models import load_causal_lm
+from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, new_run_id, write_run
+from experiments.pipeline.tracking import make_tracker, scalar_metrics
+from experiments.pipeline.training import build_trainer, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one Track-3 job described by the composed config; returns the metrics written to metrics.json (an empty
+    dict on the non-zero ranks of a multi-process run, which only train)."""
+    started = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_id = cfg.run_id or new_run_id(cfg.instructions.name, cfg.objective.label, cfg.model.name)
+    transformers.set_seed(cfg.seed)
+
+    records = load_instruction_records(cfg.instructions)
+    eval_records = load_instruction_records(cfg.eval_instructions, require_output=False)
+    judge = references = None
+    if cfg.get("judge"):  # checked before training: a missing API key or reference answer fails now, not later
+        judge = build_judge(cfg.judge)
+        references = reference_outputs(eval_records, cfg.eval_instructions.reference_generator)
+    tokenizer = load_sft_tokenizer(cfg.model, model_max_length=cfg.sft.model_max_length)
+    model = load_causal_lm(cfg.model, tokenizer)
+    added_rows = add_pad_token(tokenizer, model, cfg.sft.pad_token)
+    train_set, data_stats = build_sft_dataset(tokenizer, records, max_length=cfg.sft.model_max_length,
+                                              tokenize_jointly=cfg.sft.tokenize_jointly)
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # one tracker run per job, not one per torchrun rank
+    tracker = make_tracker(cfg.tracker if main_process else {"name": "none"}, run_name=run_id,
+                           config=OmegaConf.to_container(cfg, resolve=True), directory=output_dir)
+    checkpoints = output_dir / "checkpoints"
+    trainer = build_trainer(cfg, model, output_dir=checkpoints, run_name=run_id, report_to=tracker.report_to,
+                            train_dataset=train_set, data_collator=SupervisedCollator(tokenizer.pad_token_id))
+    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(checkpoints))
+    final_dir = output_dir / "final_model"
+    if cfg.sft.save_model or trainer.is_fsdp_enabled:
+        trainer.save_model(str(final_dir))  # under FSDP: the full state dict, gathered on rank 0
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(final_dir))
+    train_seconds = time.time() - started
+    if not trainer.is_world_process_zero():
+        return {}
+
+    model = generation_model(trainer, final_dir, cfg.model.dtype)
+    generator = cfg.generation.generator or f"{cfg.model.name}_{cfg.objective.label}"
+    outputs = generate_responses(model, tokenizer, eval_records, generator=generator, decoding=cfg.decoding,
+                                 max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
+                                 max_prompt_tokens=cfg.generation.max_prompt_tokens,
+                                 seed=cfg.generation.base_seed, show_progress=not cfg.trainer.disable_tqdm)
+    generation_seconds = time.time() - started - train_seconds
+
+    metrics = {
+        "schema_version": SCHEMA_VERSION,
+        "experiment": cfg.experiment_name,
+        "run_id": run_id,
+        "model": cfg.model.name,
+        "objective": cfg.objective.label,
+        "objective_name": cfg.objective.name,
+        "objective_hparams": OmegaConf.to_container(cfg.objective.hparams, resolve=True),
+        "instructions": cfg.instructions.name,
+        "eval_set": cfg.eval_instructions.name,
+        "generator": generator,
+        "decoding": cfg.decoding.name,
+        "num_instructions": len(outputs),
+        "mean_output_chars": sum(len(o["output"]) for o in outputs) / len(outputs),
+        "data": {**data_stats, "pad_rows_added": added_rows, "tokenize_jointly": cfg.sft.tokenize_jointly},
+        "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
+                  "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+                  "world_size": trainer.args.world_size},
+    }
+    json_files = {"model_outputs.json": outputs}
+    jsonl = {}
+    if judge is not None:
+        judgements, judge_metrics = judge_outputs(outputs, references, judge_cfg=cfg.judge, judge=judge,
+                                                  cache_dir=cfg.paths.cache_dir,
+                                                  show_progress=not cfg.trainer.disable_tqdm)
+        metrics.update(judge_metrics)
+        json_files["reference_outputs.json"] = references
+        jsonl["judgements.jsonl"] = judgements
+    metrics["seconds"] = {"train": train_seconds, "generation": generation_seconds, "total": time.time() - started}
+    manifest = build_manifest(
+        cfg, run_id=run_id, output_dir=output_dir,
+        seeds={"training": cfg.seed, "generation": cfg.generation.base_seed},
+        data_fingerprint={"instructions_sha256": records_fingerprint(records),
+                          "eval_instructions_sha256": records_fingerprint(eval_records),
+                          "records": len(records), "eval_records": len(eval_records)})
+    run_dir = write_run(cfg.paths.results_dir, cfg.experiment_name, run_id, metrics=metrics, manifest=manifest,
+                        jsonl=jsonl, json_files=json_files)
+    log.info("%d responses by %s%s -> %s", len(outputs), generator,
+             f", win rate {metrics['win_rate']:.3f}" if "win_rate" in metrics else "", run_dir)
+    tracker.log_metrics(scalar_metrics(metrics))
+    tracker.log_table("responses", pd.DataFrame(outputs[:50]))
+    tracker.finish()
+    return metrics
+
+
+def generation_model(trainer, final_dir: Path, dtype: str | None):
+    """The trained model ready for `generate`: unwrapped from DDP, or reloaded from the gathered FSDP save (in the
+    training's mixed-precision dtype, next to the still-allocated training shards)."""
+    if trainer.is_fsdp_enabled:
+        args = trainer.args
+        dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else (dtype or "auto")
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(final_dir), dtype=dtype)
+        return reloaded.to(args.device)
+    return trainer.accelerator.unwrap_model(trainer.model)
+

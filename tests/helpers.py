@@ -1,0 +1,130 @@
+"""Helpers shared by the test modules (tests never import from each other): tiny models, a padded dataset, one
+short Trainer run, and the published ``EMOLoss==0.0.3`` reference."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 64
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "reference"
+REFERENCE_WHEEL = "EMOLoss-0.0.3-py3-none-any.whl"
+
+
+def tiny_gpt2():
+    """A 1-layer GPT-2 (vocab 64, width 16, no dropout), weights from the current torch seed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama():
+    """A 1-layer LLaMA (vocab 64, width 16, untied head), weights from the current torch seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def padded_dataset(num_rows=8, seq_len=12, seed=0):
+    """Rows of different true lengths, right-padded with -100 labels, so per-batch means differ from token means."""
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num_rows):
+        ids = torch.randint(0, VOCAB, (seq_len,), generator=gen)
+        length = 3 + (i * 5) % (seq_len - 2)
+        mask = torch.arange(seq_len) < length
+        labels = torch.where(mask, ids, torch.tensor(-100))
+        rows.append({"input_ids": ids.tolist(), "attention_mask": mask.long().tolist(), "labels": labels.tolist()})
+    return Dataset.from_list(rows)
+
+
+def train_once(build_model, objective, batch_size, accumulation, tmp_path, steps=2, impl="materialized", **arguments):
+    """Train ``build_model()`` (seed 0, SGD lr 0.5) for ``steps`` on ``padded_dataset()``; returns (model, losses).
+
+    ``arguments`` override ``TrainingArguments`` (e.g. ``use_cpu=False, bf16=True`` on a GPU).
+    """
+    from transformers import TrainingArguments
+
+    from emo import cost_embedding_from_model
+    from emo.training import ObjectiveLoss, ObjectiveTrainer
+
+    torch.manual_seed(0)
+    model = build_model()
+    cost = cost_embedding_from_model(model)
+    options = dict(
+        output_dir=str(tmp_path / f"{objective}-{impl}-{batch_size}x{accumulation}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    trainer = ObjectiveTrainer(
+        model=model,
+        args=TrainingArguments(**{**options, **arguments}),
+        train_dataset=padded_dataset(),
+        objective_loss=ObjectiveLoss(objective, cost_embedding=cost, impl=impl),
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return model, losses
+
+
+def load_reference_emoloss():
+    """The reference ``EMOLoss`` function of the published ``EMOLoss==0.0.3`` wheel, loaded by file path so that its
+    top-level ``emo`` package never shadows ours. ``make install`` downloads the wheel into ``.cache/reference``;
+    without it (and without PyPI) the calling test FAILS: the golden tests are part of the suite, not optional."""
+    target = REFERENCE_DIR / "EMOLoss-0.0.3" / "emo" / "loss.py"
+    if not target.exists():
+        with zipfile.ZipFile(_reference_wheel()) as wheel:
+            wheel.extract("emo/loss.py", target.parents[1])
+    spec = importlib.util.spec_from_file_location("reference_emoloss_0_0_3", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EMOLoss
+
+
+def _reference_wheel() -> Path:
+    wheel = REFERENCE_DIR / REFERENCE_WHEEL
+    if not wheel.exists():
+        REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "EMOLoss==0.0.3", "-d", str(REFERENCE_DIR)],
+            check=False,
+            capture_output=True,
+        )
+    if not wheel.exists():
+        pytest.fail(
+            f"reference wheel {REFERENCE_WHEEL} is missing from {REFERENCE_DIR} and could not be downloaded from PyPI: "
+            "run `make install` (it downloads EMOLoss==0.0.3) so the golden tests can compare against it",
+            pytrace=False,
+        )
+    return wheel

@@ -1,0 +1,297 @@
+"""Judging harness: the published prompt templates, verdict parsers, matching by instruction, the on-disk cache, the
+fake and local transformers judges, `experiment=judge` end to end and the `instruct_winrate` table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.pipeline.judge_clients import FakeJudge, build_judge
+from experiments.pipeline.judge_templates import JudgeTemplate, parse_autoj, parse_pair_v2, parse_pandalm
+from experiments.pipeline.judging import (JudgementCache, PairingError, judge_outputs, judged_orders, load_outputs,
+                                          match_outputs)
+from experiments.pipeline.winrate_table import instruct_tables
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "conf" / "judge" / "template"
+
+# The published texts, as they appear in the sources named by each template config.
+FASTCHAT_PAIR_V2_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
+    "user question displayed below. You should choose the assistant that follows the user's instructions and answers "
+    "the user's question better. Your evaluation should consider factors such as the helpfulness, relevance, "
+    "accuracy, depth, creativity, and level of detail of their responses. Begin your evaluation by comparing the two "
+    "responses and provide a short explanation. Avoid any positional biases and ensure that the order in which the "
+    "responses were presented does not influence your decision. Do not allow the length of the responses to "
+    "influence your evaluation. Do not favor certain names of the assistants. Be as objective as possible. After "
+    "providing your explanation, output your final verdict by strictly following this format: \"[[A]]\" if "
+    "assistant A is better, \"[[B]]\" if assistant B is better, and \"[[C]]\" for a tie.")
+FASTCHAT_PAIR_V2_USER = ("[User Question]\nQ?\n\n[The Start of Assistant A's Answer]\nfirst\n[The End of Assistant A's "
+                         "Answer]\n\n[The Start of Assistant B's Answer]\nsecond\n[The End of Assistant B's Answer]")
+PANDALM_NO_INPUT = ("Below are two responses for a given task. The task is defined by the Instruction. Evaluate the "
+                    "responses and generate a reference answer for the task.\n\n### Instruction:\nQ?\n\n"
+                    "### Response 1:\nfirst\n\n### Response 2:\nsecond\n\n### Evaluation:\n")
+PANDALM_INPUT = ("Below are two responses for a given task. The task is defined by the Instruction with an Input that "
+                 "provides further context. Evaluate the responses and generate a reference answer for the task.\n\n"
+                 "### Instruction:\nQ?\n\n### Input:\nctx\n\n### Response 1:\nfirst\n\n### Response 2:\nsecond\n\n"
+                 "### Evaluation:\n")
+AUTOJ = ("[INST] You are assessing two submitted responses on a given user's query and judging which response is "
+         "better or they are tied. Here is the data:\n\n[BEGIN DATA]\n***\n[Query]: Q?\n***\n[Response 1]: first\n"
+         "***\n[Response 2]: second\n***\n[END DATA]\n\nHere are the instructions to assess and compare the two "
+         "responses:\n\n1. Pinpoint the key factors to distinguish these two responses.\n2. Conclude your comparison "
+         "by providing a final decision on which response is better, or they are tied. Begin your final decision "
+         "statement with \"So, the final decision is Response 1 / Response 2 / Tie\". Ensure that your decision "
+         "aligns coherently with the comprehensive evaluation and comparison you've provided. [/INST]")
+
+
+def template(name: str) -> JudgeTemplate:
+    return JudgeTemplate.from_cfg(OmegaConf.load(TEMPLATES / f"{name}.yaml"))
+
+
+def fake_cfg(rule: str = "longer", template_name: str = "pair_v2", **overrides):
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/judge/base.yaml"), OmegaConf.load(REPO / "conf/judge/fake.yaml"))
+    cfg.pop("defaults")
+    cfg.template = OmegaConf.load(TEMPLATES / f"{template_name}.yaml")
+    cfg.model = rule
+    return OmegaConf.merge(cfg, overrides)
+
+
+def outputs(answers: dict[str, str], generator: str) -> list[dict]:
+    return [{"instruction": i, "output": o, "generator": generator} for i, o in answers.items()]
+
+
+def test_templates_reproduce_the_published_prompts():
+    assert template("pair_v2").render("Q?", "", "first", "second") == (FASTCHAT_PAIR_V2_SYSTEM, FASTCHAT_PAIR_V2_USER)
+    assert template("pandalm").render("Q?", "", "first", "second") == (None, PANDALM_NO_INPUT)
+    assert template("pandalm").render("Q?", "ctx", " first</s> ", "<unk>second") == (None, PANDALM_INPUT)
+    assert template("autoj").render("Q?", "", "first", "second") == (None, AUTOJ)
+    system, prompt = template("pair_v2").render("Q?", "ctx", "a", "b")  # no input slot: the input joins the question
+    assert prompt.startswith("[User Question]\nQ?\n\nctx\n\n")
+
+
+def test_verdict_parsers():
+    assert parse_pair_v2("Explanation... [[A]]") == "A"
+    assert parse_pair_v2("[[C]]") == "tie"
+    assert parse_pair_v2('The format is "[[A]]" or "[[B]]". My verdict: [[B]]') == "B"  # the final tag counts
+    assert parse_pair_v2("A is better") is None and parse_pair_v2("[A]") is None
+    assert parse_pandalm("1\n\n### Reason: ...") == "A"
+    assert parse_pandalm("  2\n### Reason") == "B"
+    assert parse_pandalm("Tie\n\n### Reason: both fine") == "tie"
+    assert parse_pandalm("Response 1 is better") is None and parse_pandalm("") is None
+    assert parse_autoj("... So, the final decision is Response 1") == "A"
+    assert parse_autoj("final decision is response 2.") == "B"
+    assert parse_autoj("So, the final decision is Tie.") == "tie"
+    assert parse_autoj("I prefer Response 1") is None and parse_autoj("final decision is unclear") is None
+
+
+def test_template_configs_are_checked():
+    cfg = OmegaConf.to_container(OmegaConf.load(TEMPLATES / "pair_v2.yaml"))
+    with pytest.raises(ValueError, match="unknown parser"):
+        JudgeTemplate.from_cfg({**cfg, "parser": "nope"})
+    with pytest.raises(ValueError, match="reads verdict_text"):
+        JudgeTemplate.from_cfg({**cfg, "verdict_text": {"A": "[[B]]", "B": "[[B]]", "tie": "[[C]]"}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        JudgeTemplate.from_cfg({**cfg, "sytem": "typo"})
+
+
+def test_matching_by_instruction_and_clear_errors():
+    model = outputs({"b": "B1", "a": "A1"}, "m")
+    reference = outputs({"a": "A0", "b": "B0"}, "r")
+    pairs = match_outputs(model, reference)
+    assert [(p.instruction, p.output, p.reference_output) for p in pairs] == [("b", "B1", "B0"), ("a", "A1", "A0")]
+    assert pairs[0].generator == "m" and pairs[0].reference_generator == "r"
+    bad_model = outputs({"a": "x", "only in model": "y"}, "m") + outputs({"a": "dup"}, "m")
+    with pytest.raises(PairingError) as error:
+        match_outputs(bad_model, reference)
+    message = str(error.value)
+    assert "1 instruction(s) duplicated in the model outputs" in message
+    assert "1 instruction(s) missing from the reference outputs:\n    - only in model" in message
+    assert "1 instruction(s) missing from the model outputs:\n    - b" in message
+    with pytest.raises(PairingError, match="mix generators"):
+        match_outputs(outputs({"a": "1"}, "m") + outputs({"b": "2"}, "n"), reference)
+
+
+def test_load_outputs_json_and_jsonl(tmp_path):
+    records = [{"instruction": "a", "output": "x", "generator": "g"}, {"instruction": "b", "output": "y"}]
+    (tmp_path / "o.json").write_text(json.dumps(records))
+    (tmp_path / "o.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert load_outputs(tmp_path / "o.json")[1]["generator"] == "o"
+    assert load_outputs(tmp_path / "o.jsonl") == load_outputs(tmp_path / "o.json")
+    (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "a", "response": "x"}]))
+    with pytest.raises(ValueError, match="record 0 needs string 'instruction' and 'output'"):
+        load_outputs(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError):
+        load_outputs(tmp_path / "missing.json")
+
+
+def test_fake_judge_in_every_template_format():
+    model = outputs({"q1": "long answer", "q2": "s", "q3": "same"}, "m")
+    reference = outputs({"q1": "short", "q2": "longer", "q3": "same"}, "r")
+    for name in ("pair_v2", "pandalm", "autoj"):
+        judgements, metrics = judge_outputs(model, reference, judge_cfg=fake_cfg(template_name=name), cache_dir=None)
+        assert [j["outcome"] for j in judgements] == ["win", "loss", "tie"], name
+        assert metrics["template"] == template(name).name and metrics["unparseable"] == 0
+
+
+def test_hash_rule_is_position_dependent_and_random_swap_is_seeded():
+    answers = {f"q{i}": f"answer {i}" for i in range(40)}
+    model, reference = outputs(answers, "m"), outputs({k: v + "!" for k, v in answers.items()}, "r")
+    _, metrics = judge_outputs(model, reference, judge_cfg=fake_cfg("hash"), cache_dir=None)
+    assert metrics["inconsistent"] > 0 and metrics["wins"] + metrics["ties"] + metrics["losses"] == 40
+    pairs = match_outputs(model, reference)
+    orders = [judged_orders(p, "random_swap", 0)[0] for p in pairs]
+    assert orders == [judged_orders(p, "random_swap", 0)[0] for p in pairs]
+    assert 10 < orders.count("reference_first") < 30  # about half swapped
+    assert orders != [judged_orders(p, "random_swap", 1)[0] for p in pairs]
+    with pytest.raises(ValueError, match="positions"):
+        judged_orders(pairs[0], "one", 0)
+
+
+def test_cache_skips_a_torn_line_and_identical_answers_are_judged_once(tmp_path):
+    judge = build_judge(fake_cfg())
+    calls = []
+
+    class CountingJudge(FakeJudge):
+        def run(self, requests, on_result, show_progress=False):
+            calls.append(len(requests))
+            super().run(requests, on_result, show_progress)
+
+    counting = CountingJudge(fake_cfg(), judge.template)
+    model, reference = outputs({"a": "x", "b": "same"}, "m"), outputs({"a": "xy", "b": "same"}, "r")
+    judge_outputs(model, reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
+    assert calls == [3]  # "b" has identical answers: both orders are one prompt
+    (cache_file,) = (tmp_path / "judgements").iterdir()
+    with open(cache_file, "a") as handle:
+        handle.write('{"key": "trunc')  # a job killed mid-write
+    cache = JudgementCache(tmp_path / "judgements", counting.name, counting.identity, counting.template)
+    assert cache.path == cache_file and sum(1 for line in cache_file.read_text().splitlines()) == 4
+    _, metrics = judge_outputs(model, reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
+    assert calls == [3, 0] and metrics["requests"]["sent"] == 0 and metrics["requests"]["cached"] == 3
+    more_model, more_reference = model + outputs({"c": "new"}, "m"), reference + outputs({"c": "newer"}, "r")
+    judge_outputs(more_model, more_reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
+    judge_outputs(more_model, more_reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
+    assert calls == [3, 0, 2, 0], "an entry appended after a torn line must be readable"
+    with pytest.raises(PairingError, match="empty"):
+        judge_outputs([], reference, judge_cfg=fake_cfg(), cache_dir=None)
+
+
+def test_judge_configs_compose(compose_cfg):
+    cfg = compose_cfg("experiment=judge", "judge/template=pandalm", "judge.base_url=http://localhost:8000/v1",
+                      "judge.model=WeOpenML/PandaLM-7B-v1")
+    assert cfg.judge.kind == "openai" and cfg.judge.template.name == "pandalm" and cfg.judge.name == cfg.judge.model
+    assert cfg.recipe == "experiments.judge:run" and OmegaConf.is_missing(cfg.pairwise, "model_outputs")
+    assert compose_cfg("experiment=judge", "judge=fake").judge.name == "fake-longer"
+    local = compose_cfg("experiment=judge", "judge=hf_local", "judge.model=/models/autoj", "judge/template=autoj")
+    assert local.judge.tokenizer == "/models/autoj" and local.judge.template.parser == "autoj"
+
+
+@pytest.mark.slow
+def test_hf_local_judge_generates_greedily_and_is_not_loaded_for_cached_work(tmp_path, gpt2_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(gpt2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         eos_token_id=gpt2_tokenizer.eos_token_id, pad_token_id=gpt2_tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "judge")
+    gpt2_tokenizer.save_pretrained(tmp_path / "judge")
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/judge/base.yaml"),
+                          OmegaConf.load(REPO / "conf/judge/hf_local.yaml"))
+    cfg.pop("defaults")
+    cfg.template = OmegaConf.load(TEMPLATES / "pandalm.yaml")
+    cfg.model, cfg.tokenizer, cfg.max_tokens, cfg.batch_size = str(tmp_path / "judge"), None, 6, 3
+    model, reference = outputs({"q1": "yes", "q2": "no", "q3": "maybe"}, "m"), outputs({"q1": "a", "q2": "b",
+                                                                                       "q3": "c"}, "r")
+    judge = build_judge(cfg)
+    judgements, metrics = judge_outputs(model, reference, judge_cfg=cfg, cache_dir=tmp_path / "cache", judge=judge)
+    assert metrics["requests"]["sent"] == 6 and metrics["n_pairs"] == 3
+    assert metrics["wins"] + metrics["ties"] + metrics["losses"] + metrics["unparseable"] == 3
+    assert metrics["unparseable"] == len(metrics["unparseable_pairs"])
+
+    # the reply to one prompt equals plain greedy decoding of that prompt
+    request_prompt = template("pandalm").render("q1", "", "yes", "a")[1]
+    inputs = judge._tokenizer(request_prompt, return_tensors="pt")
+    expected = judge._model.generate(**inputs, do_sample=False, max_new_tokens=6,
+                                     pad_token_id=judge._tokenizer.pad_token_id)
+    expected_reply = judge._tokenizer.decode(expected[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert judgements[0]["verdicts"][0]["reply"] == expected_reply
+
+    # chat templates go through the tokenizer's chat template when it has one
+    chat_cfg = OmegaConf.merge(cfg, {"template": OmegaConf.load(TEMPLATES / "pair_v2.yaml")})
+    chat_judge = build_judge(chat_cfg)
+    chat_judge._tokenizer = judge._tokenizer
+    request = type("Request", (), {"system": "SYS", "prompt": "USER",
+                                   "messages": lambda self: [{"role": "system", "content": "SYS"},
+                                                             {"role": "user", "content": "USER"}]})()
+    assert chat_judge._text(request) == ("SYS\n\nUSER", True)  # GPT-2 has no chat template
+    judge._tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    assert chat_judge._text(request) == ("<system>SYS<user>USER<assistant>", False)
+
+    fresh = build_judge(cfg)
+    again, _ = judge_outputs(model, reference, judge_cfg=cfg, cache_dir=tmp_path / "cache", judge=fresh)
+    assert fresh._model is None, "a fully cached run must not load the judge model"
+    assert [j["verdicts"] for j in again] == [j["verdicts"] for j in judgements]
+
+
+def test_experiment_judge_end_to_end_and_the_table(tmp_path, compose_cfg):
+    from experiments.judge import run
+    from experiments.tables import main as tables_main
+
+    (tmp_path / "emo.json").write_text(json.dumps(outputs({"q1": "a long answer", "q2": "tiny", "q3": "md"}, "emo")))
+    (tmp_path / "mle.json").write_text(json.dumps(outputs({"q1": "short", "q2": "tiny", "q3": "m"}, "mle")))
+    (tmp_path / "ref.json").write_text(json.dumps(outputs({"q1": "reference", "q2": "reference", "q3": "ref"}, "gpt4")))
+    common = [f"paths.results_dir={tmp_path / 'results'}", f"paths.cache_dir={tmp_path / 'cache'}",
+              f"paths.output_dir={tmp_path / 'out'}", "experiment=judge", "judge=fake",
+              f"pairwise.reference_outputs={tmp_path / 'ref.json'}"]
+    emo = run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'emo.json'}", "pairwise.objective=EMO",
+                          "pairwise.model=tiny"))
+    mle = run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'mle.json'}", "pairwise.objective=MLE",
+                          "pairwise.model=tiny"))
+    assert (emo["wins"], emo["ties"], emo["losses"]) == (1, 0, 2)  # longer wins: "a long answer" > "reference"
+    assert (mle["wins"], mle["ties"], mle["losses"]) == (0, 0, 3)
+    run_dir = Path(tmp_path / "results" / "judge" / emo["run_id"])
+    assert json.loads((run_dir / "metrics.json").read_text()) == emo
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["judge"]["kind"] == "fake" and manifest["data_fingerprint"]["model_outputs"]["rows"] == 3
+
+    first_two = run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'emo.json'}",
+                                "pairwise.max_instructions=2", "run_id=first_two"))
+    assert first_two["n_pairs"] == 2 and first_two["requests"]["sent"] == 0  # cached by the first run
+    with pytest.raises(PairingError, match="missing from the reference outputs"):
+        (tmp_path / "extra.json").write_text(json.dumps(outputs({"q1": "a", "q9": "b"}, "x")))
+        run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'extra.json'}"))
+
+    assert tables_main(["--results-dir", str(tmp_path / "results"), "--experiment", "judge"]) == 0
+    table = (tmp_path / "results" / "tables" / "instruct_winrate.md").read_text()
+    assert "| tiny / EMO vs gpt4 [n=3] | 33.3 ± 33.3 " in table and "| tiny / MLE vs gpt4 [n=3] | 0.0 ± 0.0 " in table
+    assert "| emo vs gpt4 [n=2]        | **50.0 ± 50.0** " in table  # a subset is never mixed with full runs
+    csv_text = (tmp_path / "results" / "tables" / "instruct_winrate.csv").read_text()
+    assert "fake-longer (pair-v2) lc_win_rate" in csv_text
+    assert (tmp_path / "results" / "tables" / "instruct_winrate.tex").read_text().startswith(r"\begin{table}")
+
+
+def test_table_rows_judges_and_latest_run():
+    base = {"reference_generator": "gpt4", "template": "pair-v2", "positions": "both", "wins": 1, "ties": 0,
+            "losses": 1, "unparseable": 0, "n_judged": 2, "win_rate_se": 0.1}
+    runs = [{**base, "run_id": "1", "model": "llama7b", "objective": "MLE", "judge": "gpt-4", "win_rate": 0.40,
+             "length_controlled": {"win_rate": 0.45}},
+            {**base, "run_id": "2", "model": "llama7b", "objective": "MLE", "judge": "gpt-4", "win_rate": 0.42,
+             "length_controlled": {"win_rate": 0.44}},
+            {**base, "run_id": "3", "model": "llama7b", "objective": "EMO", "judge": "gpt-4", "win_rate": 0.55,
+             "length_controlled": {"win_rate": 0.50}},
+            {**base, "run_id": "4", "model": "llama7b", "objective": "EMO", "judge": "autoj-13b", "template": "autoj",
+             "positions": "random_swap", "win_rate": 0.6, "length_controlled": {"win_rate": None}},
+            {"run_id": "5", "mauve": 0.9}]
+    values, cells, caption = instruct_tables(runs)["instruct_winrate"]
+    assert list(cells.index) == ["llama7b / EMO vs gpt4", "llama7b / MLE vs gpt4"]
+    assert list(cells.columns) == ["autoj-13b (autoj) [random_swap]", "autoj-13b (autoj) [random_swap] LC",
+                                   "gpt-4 (pair-v2)", "gpt-4 (pair-v2) LC"]
+    assert cells.loc["llama7b / MLE vs gpt4", "gpt-4 (pair-v2)"] == "42.0 ± 10.0"  # the latest run
+    assert cells.loc["llama7b / EMO vs gpt4", "gpt-4 (pair-v2)"] == "**55.0 ± 10.0**"
+    assert cells.loc["llama7b / MLE vs gpt4", "autoj-13b (autoj) [random_swap]"] == "–"
+    assert values.loc["llama7b / EMO vs gpt4", "gpt-4 (pair-v2) lc_win_rate"] == pytest.approx(50.0)
+    assert instruct_tables([{"run_id": "1", "mauve": 0.5}]) == {}

@@ -1,0 +1,142 @@
+"""Win rate, standard error, outcome counts and the length-controlled win rate on hand-made judgement sets with known
+answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments.pipeline.judging import combine, summarize
+from experiments.pipeline.winrate import (estimate_instruction_difficulty, length_controlled_win_rate,
+                                          outcome_counts, standardised_length_difference, win_rate)
+
+
+def rows(outcomes, model_lengths=None, reference_lengths=None):
+    """Judgement rows as `judge_outputs` returns them (only the fields `summarize` reads)."""
+    n = len(outcomes)
+    model_lengths = model_lengths or [10] * n
+    reference_lengths = reference_lengths or [10] * n
+    return [{"instruction": f"q{i}", "outcome": o, "inconsistent": False, "output": "m" * ml,
+             "reference_output": "r" * rl,
+             "verdicts": [{"order": "model_first", "verdict": None if o == "unparseable" else "A"}]}
+            for i, (o, ml, rl) in enumerate(zip(outcomes, model_lengths, reference_lengths))]
+
+
+def test_win_rate_and_standard_error_by_hand():
+    # 3 wins, 2 ties, 1 loss: (3 + 2/2) / 6 = 2/3; scores 1,1,1,.5,.5,0 -> sample std sqrt(1/6 * ... )
+    scores = [1, 1, 1, 0.5, 0.5, 0]
+    mean = 4 / 6
+    variance = sum((s - mean) ** 2 for s in scores) / 5
+    result = win_rate(scores)
+    assert result["win_rate"] == pytest.approx(2 / 3)
+    assert result["win_rate_se"] == pytest.approx(math.sqrt(variance / 6))
+    assert result["n"] == 6
+    assert win_rate([1.0]) == {"win_rate": 1.0, "win_rate_se": None, "n": 1}
+    assert win_rate([])["win_rate"] is None
+
+
+def test_outcome_counts_and_combination_of_orders():
+    assert outcome_counts(["win", "win", "tie", "loss", "unparseable"]) == {"wins": 2, "ties": 1, "losses": 1,
+                                                                            "unparseable": 1}
+    with pytest.raises(ValueError, match="Unknown outcome"):
+        outcome_counts(["draw"])
+    assert combine(["win", "win"]) == ("win", False)
+    assert combine(["loss", "loss"]) == ("loss", False)
+    assert combine(["tie", "tie"]) == ("tie", False)
+    assert combine(["win", "loss"]) == ("tie", True)  # position bias: a tie (FastChat "inconsistent")
+    assert combine(["win", "tie"]) == ("tie", True)
+    assert combine(["win", None]) == ("unparseable", False)
+    assert combine(["loss"]) == ("loss", False)  # random_swap: one order
+
+
+def test_summarize_excludes_or_ties_unparseable_pairs():
+    judged = rows(["win", "win", "loss", "tie", "unparseable"])
+    excluded = summarize(judged)
+    assert (excluded["wins"], excluded["losses"], excluded["ties"], excluded["unparseable"]) == (2, 1, 1, 1)
+    assert excluded["n_judged"] == 4 and excluded["n_pairs"] == 5
+    assert excluded["win_rate"] == pytest.approx((2 + 0.5) / 4)
+    assert excluded["unparseable_pairs"] == [{"instruction": "q4", "orders": ["model_first"]}]
+    as_tie = summarize(judged, unparseable="tie")
+    assert as_tie["n_judged"] == 5 and as_tie["win_rate"] == pytest.approx((2 + 1.0) / 5)
+    with pytest.raises(ValueError, match="unparseable"):
+        summarize(judged, unparseable="drop")
+
+
+def test_standardised_length_difference():
+    np.testing.assert_allclose(standardised_length_difference([3, 1], [1, 3]), [2 / math.sqrt(8), -2 / math.sqrt(8)])
+    np.testing.assert_array_equal(standardised_length_difference([5, 5], [1, 1]), [0, 0])  # no spread: no signal
+
+
+def test_length_controlled_equals_raw_without_length_differences():
+    scores = [1, 1, 1, 0, 0.5, 1, 0, 1]
+    result = length_controlled_win_rate(scores, [20] * 8, [20] * 8, Cs=[1e6])
+    assert result["win_rate"] == pytest.approx(np.mean(scores), abs=1e-4)
+
+
+def test_length_controlled_removes_a_pure_length_effect():
+    # The model is longer on 3/4 of the instructions and wins 80% of those, but also loses 80% where it is shorter:
+    # all of its advantage is length. Raw win rate 0.65; at equal lengths it is a coin flip (LC = 0.5).
+    n = 400
+    longer = np.arange(n) % 4 != 0
+    model = np.where(longer, 300, 100)
+    reference = np.where(longer, 100, 300)
+    preference = np.where(longer, 0.8, 0.2)
+    assert preference.mean() == pytest.approx(0.65)
+    exact = length_controlled_win_rate(preference, model, reference, Cs=[1e6])
+    assert exact["win_rate"] == pytest.approx(0.5, abs=1e-3)
+    assert exact["weights"]["tanh_std_delta_len"] > 0  # longer answers win
+    cross_validated = length_controlled_win_rate(preference, model, reference)
+    assert cross_validated["win_rate"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_length_controlled_keeps_a_quality_effect():
+    # Same lengths pattern, but the model wins 70% whatever its length: LC stays at 0.7.
+    n = 400
+    longer = np.arange(n) % 4 != 0
+    preference = np.full(n, 0.7)
+    result = length_controlled_win_rate(preference, np.where(longer, 300, 100), np.where(longer, 100, 300), Cs=[1e6])
+    assert result["win_rate"] == pytest.approx(0.7, abs=1e-3)
+    assert abs(result["weights"]["tanh_std_delta_len"]) < 1e-2
+
+
+def test_length_controlled_with_instruction_difficulty():
+    # Two equally common instruction types: easy ones (model wins 90%), hard ones (10%); no length effect.
+    n = 200
+    hard = np.arange(n) % 2 == 1
+    preference = np.where(hard, 0.1, 0.9)
+    difficulty = np.where(hard, 1.0, -1.0)
+    lengths = np.where(np.arange(n) % 3 == 0, 120, 80)
+    result = length_controlled_win_rate(preference, lengths, 100 * np.ones(n), instruction_difficulty=difficulty,
+                                        Cs=[1e6])
+    assert result["win_rate"] == pytest.approx(0.5, abs=1e-3)
+    assert result["weights"]["instruction_difficulty"] == pytest.approx(-math.log(9), abs=1e-2)
+    with pytest.raises(ValueError, match="finite"):
+        length_controlled_win_rate(preference, lengths, lengths, instruction_difficulty=difficulty[:3])
+
+
+def test_length_controlled_degenerate_inputs():
+    unanimous = length_controlled_win_rate([1] * 12, list(range(12)), [1] * 12)
+    assert unanimous["win_rate"] == 1.0 and unanimous["note"].startswith("unanimous")
+    too_few = length_controlled_win_rate([1, 0, 0.5], [5, 6, 7], [1, 1, 1])
+    assert too_few["win_rate"] is None and "10 needed for 5-fold" in too_few["note"]
+    assert length_controlled_win_rate([1, 0, 0.5], [5, 6, 7], [1, 1, 1], folds=0)["win_rate"] is not None
+    assert length_controlled_win_rate([], [], [])["win_rate"] is None
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        length_controlled_win_rate([2.0, 0.0], [1, 2], [1, 2])
+
+
+def test_instruction_difficulty_from_several_models_and_from_a_file(tmp_path):
+    difficulty = estimate_instruction_difficulty([{"easy": 1.0, "hard": 0.0}, {"easy": 1.0, "hard": 0.5}])
+    assert difficulty["easy"] == pytest.approx(-math.log(2.5 / 0.5))  # (2 + 0.5) / 3 -> logit = log 5
+    assert difficulty["hard"] == pytest.approx(-math.log(1.0 / 2.0))
+    path = tmp_path / "difficulty.json"
+    judged = rows(["win", "loss", "tie"] * 4, list(range(10, 130, 10)), list(range(120, 0, -10)))
+    path.write_text(json.dumps({f"q{i}": float(i % 3) for i in range(12)}))
+    summary = summarize(judged, instruction_difficulty=path)
+    assert "instruction_difficulty" in summary["length_controlled"]["weights"]
+    path.write_text(json.dumps({"q0": 0.0}))
+    with pytest.raises(ValueError, match="no difficulty for 11"):
+        summarize(judged, instruction_difficulty=path)
