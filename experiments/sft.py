@@ -24,7 +24,7 @@ from experiments.pipeline.instruct import (SupervisedCollator, add_pad_token, bu
 from experiments.pipeline.judge_clients import build_judge
 from experiments.pipeline.judging import judge_outputs
 from experiments.pipeline.models import load_causal_lm
-from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, new_run_id, write_run
+from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, new_run_id, require_new_run, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, resume_checkpoint
 
@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_id = cfg.run_id or new_run_id(cfg.instructions.name, cfg.objective.label, cfg.model.name)
+    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
     transformers.set_seed(cfg.seed)
 
     records = load_instruction_records(cfg.instructions)
@@ -107,7 +108,8 @@ def run(cfg: DictConfig) -> dict:
     metrics["seconds"] = {"train": train_seconds, "generation": generation_seconds, "total": time.time() - started}
     manifest = build_manifest(
         cfg, run_id=run_id, output_dir=output_dir,
-        seeds={"training": cfg.seed, "generation": cfg.generation.base_seed},
+        seeds={"training": cfg.seed, "generation": cfg.generation.base_seed,
+               **({"judge_random_swap": cfg.judge.seed} if judge is not None else {})},
         data_fingerprint={"instructions_sha256": records_fingerprint(records),
                           "eval_instructions_sha256": records_fingerprint(eval_records),
                           "records": len(records), "eval_records": len(eval_records)})

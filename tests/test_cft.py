@@ -111,6 +111,7 @@ def lora_trained(compose_cfg, tmp_path, objective="cft/emo2", steps=2):
     return cfg, tokenizer, trainer, base_state
 
 
+@pytest.mark.slow
 def test_lora_emo2_trains_only_adapter_weights_and_merges_exactly(compose_cfg, tmp_path):
     cfg, tokenizer, trainer, base_state = lora_trained(compose_cfg, tmp_path)
     peft_model = trainer.model
@@ -166,3 +167,19 @@ def test_fp16_on_cpu_is_refused(compose_cfg, tmp_path, monkeypatch):
                       f"paths.results_dir={tmp_path}/results")
     with pytest.raises(ValueError, match="mixed_precision=fp16 needs a CUDA GPU"):
         run(cfg)
+
+
+def test_cost_embedding_from_another_head_with_the_same_vocabulary(compose_cfg, tmp_path):
+    cfg = compose_cfg("experiment=cft_tiny")
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+    model = load_causal_lm(cfg.model, tokenizer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    torch.save(torch.randn(vocab, 24), tmp_path / "head.pt")
+    loss = objective_loss(cfg.objective, model, cost_source=str(tmp_path / "head.pt"), device="cpu")
+    assert (loss.cost_embedding.vocab_size, loss.cost_embedding.width) == (vocab, 24)
+    own = objective_loss(cfg.objective, model, cost_source=None, device="cpu")
+    head = model.get_output_embeddings().weight.detach()
+    torch.testing.assert_close(own.cost_embedding.normalized, head / head.norm(dim=1, keepdim=True))
+    torch.save(torch.randn(vocab - 1, 24), tmp_path / "other_vocab.pt")
+    with pytest.raises(ValueError, match="rows but the model's vocabulary has"):
+        objective_loss(cfg.objective, model, cost_source=str(tmp_path / "other_vocab.pt"), device="cpu")

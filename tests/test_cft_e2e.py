@@ -33,15 +33,18 @@ def test_cft_tiny_sweep_then_accuracy_table_with_base_row(tmp_path):
     run_cli("experiment=icl_tiny", "experiment_name=cft_tiny", ICL_ROWS, env=env)
     run_cli("-m", "experiment=cft_tiny", "objective=mle,cft/emo2", ICL_ROWS, env=env)
 
-    runs = {}
+    runs, scores = {}, {}
     for run_dir in sorted((results / "cft_tiny").iterdir()):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         runs[metrics["objective"]] = metrics
         assert metrics["model"] == "tiny_llama" and set(metrics["accuracy"]) == {"sst2", "trec", "rt"}
         assert all(task["n"] == 16 for task in metrics["icl"]["tasks"].values())
-        predictions = (run_dir / "predictions.jsonl").read_text().splitlines()
+        predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
         assert len(predictions) == 3 * 16
+        scores[metrics["objective"]] = torch.tensor([s for p in predictions for s in p["scores"].values()])
     assert set(runs) == {"base", "mle", "emo2"}
+    for objective in ("mle", "emo2"):  # the fine-tuned model is evaluated, not the base one (3 tiny steps move little)
+        assert (scores[objective] - scores["base"]).abs().max() > 1e-5
     for objective in ("mle", "emo2"):
         metrics = runs[objective]
         budget = metrics["train_budget"]

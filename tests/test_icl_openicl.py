@@ -53,14 +53,16 @@ def test_fast_engine_matches_plain_openicl(compose_cfg, tiny_lm, gpt2_tokenizer,
     contexts, prompts = task_prompts(task, retrieved, "\n", "\n")
     assert contexts == reference["in_context"]  # same examples, same order, same rendering
     reference_scores = np.array([[row["scores"][str(label)] for label in task.labels] for row in reference_rows])
+    ordered = np.sort(reference_scores, axis=1)
+    smallest_gap = (ordered[:, 1] - ordered[:, 0]).min()  # between the best and second-best label of any example
     for share_prefix in (True, False):
         scores = score_prompts(tiny_lm, gpt2_tokenizer, prompts, batch_size=5, share_prefix=share_prefix)
         np.testing.assert_allclose(scores, reference_scores, rtol=0, atol=2e-5)
+        # the comparison is meaningful: float noise is far below the margin that decides any prediction
+        assert np.abs(scores - reference_scores).max() < smallest_gap / 4
         metrics, rows = summarize(task, scores)
         assert [r["prediction"] for r in rows] == [r["prediction"] for r in reference_rows]
         assert metrics["accuracy"] == reference["accuracy"]
-    gaps = np.sort(reference_scores, axis=1)
-    assert (gaps[:, 1] - gaps[:, 0]).min() > 1e-4, "label scores too close for an exact comparison"
 
 
 def _openicl_prompts(task: Task, ice_ids):

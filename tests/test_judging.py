@@ -13,6 +13,7 @@ from experiments.pipeline.judge_clients import FakeJudge, build_judge
 from experiments.pipeline.judge_templates import JudgeTemplate, parse_autoj, parse_pair_v2, parse_pandalm
 from experiments.pipeline.judging import (JudgementCache, PairingError, judge_outputs, judged_orders, load_outputs,
                                           match_outputs)
+from experiments.pipeline.records import run_setup
 from experiments.pipeline.winrate_table import instruct_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,8 +268,10 @@ def test_experiment_judge_end_to_end_and_the_table(tmp_path, compose_cfg):
 
     assert tables_main(["--results-dir", str(tmp_path / "results"), "--experiment", "judge"]) == 0
     table = (tmp_path / "results" / "tables" / "instruct_winrate.md").read_text()
-    assert "| tiny / EMO vs gpt4 [n=3] | 33.3 ± 33.3 " in table and "| tiny / MLE vs gpt4 [n=3] | 0.0 ± 0.0 " in table
-    assert "| emo vs gpt4 [n=2]        | **50.0 ± 50.0** " in table  # a subset is never mixed with full runs
+    # a subset is never mixed with full runs: what differs labels every row of the column
+    assert "| tiny / EMO vs gpt4 (n_pairs=3, pairwise.max_instructions=null) | 33.3 ± 33.3 " in table
+    assert "| tiny / MLE vs gpt4 (n_pairs=3, pairwise.max_instructions=null) | 0.0 ± 0.0 " in table
+    assert "| emo vs gpt4 (n_pairs=2, pairwise.max_instructions=2)           | **50.0 ± 50.0** " in table
     csv_text = (tmp_path / "results" / "tables" / "instruct_winrate.csv").read_text()
     assert "fake-longer (pair-v2) lc_win_rate" in csv_text
     assert (tmp_path / "results" / "tables" / "instruct_winrate.tex").read_text().startswith(r"\begin{table}")
@@ -295,3 +298,73 @@ def test_table_rows_judges_and_latest_run():
     assert cells.loc["llama7b / MLE vs gpt4", "autoj-13b (autoj) [random_swap]"] == "–"
     assert values.loc["llama7b / EMO vs gpt4", "gpt-4 (pair-v2) lc_win_rate"] == pytest.approx(50.0)
     assert instruct_tables([{"run_id": "1", "mauve": 0.5}]) == {}
+
+
+def _judged_sft_run(compose_cfg, run_id, *overrides, win_rate, seed=0, lc=0.5):
+    """A judged `sft_tiny` record as `load_runs` returns it: metrics plus the manifest's setup and seeds."""
+    cfg = compose_cfg("experiment=sft_tiny", f"seed={seed}", *overrides)
+    return {"run_id": run_id, "experiment": "sft_tiny", "model": "tiny_llama", "objective": cfg.objective.label,
+            "reference_generator": "gpt4", "judge": cfg.judge.name, "template": cfg.judge.template.name,
+            "positions": "both", "win_rate": win_rate, "win_rate_se": 0.1, "length_controlled": {"win_rate": lc},
+            "n_pairs": 4, "wins": 2, "ties": 0, "losses": 2, "unparseable": 0, "n_judged": 4,
+            "setup": run_setup(cfg), "seeds": {"training": seed, "generation": cfg.generation.base_seed}}
+
+
+def test_table_keeps_setups_apart_and_pools_seeds(compose_cfg):
+    greedy = _judged_sft_run(compose_cfg, "1", win_rate=0.40)
+    sampled = _judged_sft_run(compose_cfg, "2", "decoding=top_p", win_rate=0.60)
+    values, cells, _ = instruct_tables([greedy, sampled])["instruct_winrate"]
+    assert list(cells.index) == ["tiny_llama / mle vs gpt4 (decoding=greedy)",
+                                 "tiny_llama / mle vs gpt4 (decoding=top_p)"]
+    assert cells.iloc[0, 0] == "40.0 ± 10.0" and cells.iloc[1, 0] == "**60.0 ± 10.0**"
+
+    repeats = [greedy, _judged_sft_run(compose_cfg, "3", win_rate=0.50, seed=1, lc=0.7)]
+    values, cells, _ = instruct_tables(repeats)["instruct_winrate"]
+    assert list(cells.index) == ["tiny_llama / mle vs gpt4"]  # differing only in seed: one pooled row
+    assert cells.iloc[0].tolist() == ["45.0 ± 7.1 (n=2)", "60.0 ± 14.1 (n=2)"]
+    judge = cells.columns[0]
+    assert values.loc["tiny_llama / mle vs gpt4", f"{judge} runs"] == 2
+    assert values.loc["tiny_llama / mle vs gpt4", f"{judge} wins"] == 4
+
+    rerun = {**greedy, "run_id": "4", "win_rate": 0.30}  # same setup, same seeds: replaces the earlier run
+    _, cells, _ = instruct_tables([greedy, rerun])["instruct_winrate"]
+    assert cells.iloc[0, 0] == "30.0 ± 10.0"
+
+    autoj = _judged_sft_run(compose_cfg, "5", "judge/template=autoj", win_rate=0.55)
+    _, cells, _ = instruct_tables([greedy, autoj])["instruct_winrate"]  # another template: its own judge columns
+    assert cells.shape == (1, 4) and list(cells.index) == ["tiny_llama / mle vs gpt4"]
+    hot = _judged_sft_run(compose_cfg, "6", "judge.temperature=0.7", win_rate=0.55)
+    _, cells, _ = instruct_tables([greedy, hot])["instruct_winrate"]
+    assert list(cells.index) == ["tiny_llama / mle vs gpt4 (judge.temperature=0.0)",
+                                 "tiny_llama / mle vs gpt4 (judge.temperature=0.7)"]
+    emo = _judged_sft_run(compose_cfg, "7", "objective=sft/emo", win_rate=0.55)
+    _, cells, _ = instruct_tables([greedy, emo])["instruct_winrate"]  # the row label already names the objective
+    assert sorted(cells.index) == ["tiny_llama / emo vs gpt4", "tiny_llama / mle vs gpt4"]
+
+
+def test_judge_refuses_a_recorded_run_id_before_judging(tmp_path, compose_cfg):
+    from experiments.judge import run
+
+    (tmp_path / "model.json").write_text(json.dumps(outputs({"q1": "an answer"}, "emo")))
+    (tmp_path / "ref.json").write_text(json.dumps(outputs({"q1": "reference"}, "gpt4")))
+    recorded = tmp_path / "results" / "judge" / "done"
+    recorded.mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="'done' of experiment 'judge' is already complete"):
+        run(compose_cfg("experiment=judge", "judge=fake", "run_id=done", f"paths.results_dir={tmp_path / 'results'}",
+                        f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}",
+                        f"pairwise.model_outputs={tmp_path / 'model.json'}",
+                        f"pairwise.reference_outputs={tmp_path / 'ref.json'}"))
+    assert not (tmp_path / "cache").exists()  # nothing was judged
+    assert list(recorded.iterdir()) == []
+
+
+def test_an_sft_run_and_a_later_judge_of_its_outputs_share_a_row(compose_cfg):
+    own = _judged_sft_run(compose_cfg, "1", win_rate=0.40)
+    later = {**own, "run_id": "2", "experiment": "judge", "judge": "gpt-4", "win_rate": 0.30,
+             "setup": {"pairwise.model_outputs": "results/sft_tiny/1/model_outputs.json", "judge.model": "gpt-4"},
+             "seeds": {"random_swap": None}}
+    _, cells, _ = instruct_tables([own, later])["instruct_winrate"]
+    assert list(cells.index) == ["tiny_llama / mle vs gpt4"] and cells.shape == (1, 4)  # one row, two judges
+    same_judge = {**later, "judge": own["judge"]}
+    _, cells, _ = instruct_tables([own, same_judge])["instruct_winrate"]
+    assert list(cells.index) == ["tiny_llama / mle vs gpt4 [judge]", "tiny_llama / mle vs gpt4 [sft_tiny]"]

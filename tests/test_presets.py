@@ -190,3 +190,13 @@ def test_gt_q_changes_only_the_ratio_weights():
     assert (grad_plain - grad_gt_q).abs().sum() > 1e-3 * grad_plain.abs().sum()
     two, two_gt_q = emo_mode2(False)(logits, labels, cost), emo_mode2(True)(logits, labels, cost)
     assert two_gt_q > two
+
+
+def test_missing_reference_wheel_fails_instead_of_skipping(tmp_path, monkeypatch):
+    """Without the wheel (and without PyPI) the golden tests fail with instructions; they never skip."""
+    import helpers
+
+    monkeypatch.setattr(helpers, "REFERENCE_DIR", tmp_path / "reference")
+    monkeypatch.setattr(helpers.subprocess, "run", lambda *args, **kwargs: None)  # PyPI unreachable
+    with pytest.raises(pytest.fail.Exception, match=r"run `make install`"):
+        helpers.load_reference_emoloss()

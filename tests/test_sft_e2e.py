@@ -110,3 +110,21 @@ def test_judge_problems_fail_before_training(compose_cfg, tmp_path, monkeypatch)
     with pytest.raises(InstructionDataError, match="no reference 'output'"):
         run(compose_cfg(*common, f"eval_instructions.data_files={no_references}"))
     assert not (tmp_path / "o" / "checkpoints").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_recorded_run_id_is_refused_before_any_work(compose_cfg, tmp_path, monkeypatch):
+    """`run_id` of a complete run: FileExistsError at the start (no data read, no training), the record untouched."""
+    import experiments.sft
+
+    recorded = tmp_path / "results" / "sft_tiny" / "done"
+    recorded.mkdir(parents=True)
+    (recorded / "metrics.json").write_text("{}")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the run started although its record exists")
+
+    monkeypatch.setattr(experiments.sft, "load_instruction_records", must_not_run)
+    with pytest.raises(FileExistsError, match="'done' of experiment 'sft_tiny' is already complete"):
+        run(compose_cfg("experiment=sft_tiny", "run_id=done", f"paths.results_dir={tmp_path / 'results'}",
+                        f"paths.output_dir={tmp_path / 'o'}"))
+    assert (recorded / "metrics.json").read_text() == "{}" and not (tmp_path / "o" / "checkpoints").exists()

@@ -79,11 +79,14 @@ def save_fine_tuned(trainer, tokenizer, directory: str | Path, *, merge: bool = 
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(directory / "model"))
         return model, {"model": str(directory / "model")}
-    model.save_pretrained(str(directory / "adapter"))
+    main = trainer.is_world_process_zero()  # with several (DDP) processes, one writes
+    if main:
+        model.save_pretrained(str(directory / "adapter"))
     saved = {"adapter": str(directory / "adapter")}
     if merge:
         model = model.merge_and_unload()
-        model.save_pretrained(str(directory / "merged"))
-        tokenizer.save_pretrained(str(directory / "merged"))
+        if main:
+            model.save_pretrained(str(directory / "merged"))
+            tokenizer.save_pretrained(str(directory / "merged"))
         saved["merged"] = str(directory / "merged")
     return model, saved

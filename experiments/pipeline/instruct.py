@@ -1,5 +1,6 @@
-"""Instruction tuning (Track 3, NOTES §5): Alpaca-format records, Alpaca prompts, response-only labels, padding,
-and batched response generation written in AlpacaEval's format.
+"""Instruction tuning (Track 3, as the reference's `instruction_tuning/train.py`, itself Stanford Alpaca's):
+Alpaca-format records, Alpaca prompts, response-only labels, padding, and batched response generation written in
+AlpacaEval's format.
 
 A record is `{instruction, input, output}` (`input` may be empty or absent). The training sequence is the Stanford
 Alpaca prompt followed by `output + EOS`; every prompt token is labelled -100, so the loss covers exactly the response
@@ -25,9 +26,9 @@ import datasets
 import torch
 import transformers
 
-from emo.hub import OfflineError, ensure_model_available, ensure_remote_available, hub_offline
+from emo.hub import OfflineError, ensure_remote_available, hub_offline
 from experiments.pipeline.generation import decoding_kwargs
-from experiments.pipeline.models import LOCAL_MODEL_HINT, resolve_model_path
+from experiments.pipeline.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -161,27 +162,16 @@ def records_fingerprint(records: Sequence[Mapping]) -> str:
 # ------------------------------------------------------------------------------------------------ tokenizer and model
 
 def load_sft_tokenizer(model_cfg: Mapping, *, model_max_length: int):
-    """Tokenizer for instruction tuning: right padding and right truncation at `model_max_length`.
-
-    Unlike `models.load_tokenizer`, a missing pad token is not replaced by EOS: `add_pad_token` adds one after the
-    model is loaded, as the reference does. `model.special_tokens` fills in roles a bare tokenizer.json lacks; paths
-    follow `models.load_tokenizer` (`package:<module>/...`, a `.gguf` file).
+    """Tokenizer for instruction tuning (`models.load_tokenizer`): right padding and right truncation at
+    `model_max_length`. A missing pad token is not replaced by EOS: `add_pad_token` adds one after the model is
+    loaded, as the reference does. `model.special_tokens` fills in roles a bare tokenizer.json lacks.
     """
-    if model_cfg["tokenizer"] is None:
-        raise ValueError("model.tokenizer is null: set it to a Hub id or a local tokenizer directory.")
-    name = resolve_model_path(str(model_cfg["tokenizer"]))
-    ensure_model_available("tokenizer", name, LOCAL_MODEL_HINT)
-    if name.endswith(".gguf"):  # the tokenizer stored in a GGUF file (model=smollm2)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(Path(name).parent), gguf_file=Path(name).name)
-    else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    for role, token in (model_cfg.get("special_tokens") or {}).items():
-        setattr(tokenizer, role, token)
+    tokenizer = load_tokenizer(model_cfg["tokenizer"], model_cfg.get("special_tokens"), padding_side="right",
+                               pad_with_eos=False)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"Tokenizer '{name}' has no eos token: set model.special_tokens (e.g. {{eos_token: '</s>'}}); "
-                         "the response target ends with it.")
+        raise ValueError(f"Tokenizer '{model_cfg['tokenizer']}' has no eos token: set model.special_tokens (e.g. "
+                         "{eos_token: '</s>'}); the response target ends with it.")
     tokenizer.model_max_length = model_max_length
-    tokenizer.padding_side = "right"
     tokenizer.truncation_side = "right"
     return tokenizer
 

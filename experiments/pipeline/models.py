@@ -45,12 +45,14 @@ def resolve_model_path(name_or_path):
     return str(directory / relative) if relative else str(directory)
 
 
-def load_tokenizer(name_or_path: str, special_tokens: Mapping[str, str] | None = None, padding_side: str = "left"):
+def load_tokenizer(name_or_path: str, special_tokens: Mapping[str, str] | None = None, padding_side: str = "left",
+                   pad_with_eos: bool = True):
     """Tokenizer from a Hub id or local path, prepared for batched sampling.
 
     `special_tokens` (e.g. `{eos_token: "<|endoftext|>"}`) fills in roles a bare tokenizer.json does not declare.
-    Pad = EOS when there is no pad token; left padding and left truncation (prompts keep their last tokens). A path
-    ending in `.gguf` reads the tokenizer stored in that GGUF file.
+    Pad = EOS when there is no pad token (`pad_with_eos=False` leaves it unset, for callers that add a pad token of
+    their own); left padding and left truncation (prompts keep their last tokens). A path ending in `.gguf` reads the
+    tokenizer stored in that GGUF file.
     """
     if name_or_path is None:
         raise ValueError("model.tokenizer is null: set it, or use a data config that provides data.tokenizer "
@@ -64,7 +66,7 @@ def load_tokenizer(name_or_path: str, special_tokens: Mapping[str, str] | None =
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     for role, token in (special_tokens or {}).items():
         setattr(tokenizer, role, token)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and pad_with_eos:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer '{name_or_path}' has neither a pad nor an eos token; set "
                              "model.special_tokens (e.g. {eos_token: '<|endoftext|>'}).")

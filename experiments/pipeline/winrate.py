@@ -156,7 +156,23 @@ def length_controlled_win_rate(scores: Sequence[float], model_lengths: Sequence[
     at_zero[:, 0] = 0.0  # tanh(0): no length difference
     predicted = model.predict_proba(at_zero)[:, 1]
     weights = {**dict(zip(columns, map(float, model.coef_[0]))), "intercept": float(model.intercept_[0])}
-    return {"win_rate": float(predicted.mean()), "weights": weights, "C": C, "n": n, "note": None}
+    note = None
+    if length_separates(preferences, columns["tanh_std_delta_len"]):
+        note = ("length alone separates wins from losses: the fit is a steep step placed somewhere between them, so "
+                "the value at zero length difference is unstable (more pairs, with length differences near zero, "
+                "pin it down)")
+    return {"win_rate": float(predicted.mean()), "weights": weights, "C": C, "n": n, "note": note}
+
+
+def length_separates(preferences: np.ndarray, length_feature: np.ndarray) -> bool:
+    """Whether every clear win (score 1) lies strictly on one side of every clear loss (score 0) in the length
+    feature. The fitted slope then grows until the penalty stops it and the intercept (the LC win rate) depends only
+    on where the fit puts the step between the two groups: a few pairs far from zero length difference can read
+    anywhere from near 0% to near 100%."""
+    wins, losses = length_feature[preferences == 1.0], length_feature[preferences == 0.0]
+    if len(wins) == 0 or len(losses) == 0:
+        return False
+    return bool(wins.min() > losses.max() or wins.max() < losses.min())
 
 
 def estimate_instruction_difficulty(score_sets: Sequence[Mapping[str, float]], prior: float = 1.0) -> dict[str, float]:
