@@ -264,8 +264,8 @@ def report_emo(results, args):
               f"{extra / results['emo']['extra_mb']:.2f}x the fp32-logits case, "
               f"{extra / results['cross_entropy_fp16']['extra_mb']:.2f}x F.cross_entropy in fp16; "
               f"{extra - results['emo']['extra_mb']:+.0f} MB vs fp32 logits")
-    print(f"cost of the fp32 gradient buffer over a half one: +{half_logits_mb:.0f} MB (2 bytes x B x T x V, the size of "
-          "the half logits themselves); it is cast in place into its own storage, so no second N x V buffer")
+    print(f"cost of the fp32 gradient buffer over a half one: +{half_logits_mb:.0f} MB (2 bytes x B x T x V, the size "
+          "of the half logits); it is cast in place into its own storage, so no second N x V buffer")
 
 
 def report_fused(results, args):

@@ -137,7 +137,9 @@ class _ObjectiveOnLogits(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def scale_rows_and_cast(grad: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+def scale_rows_and_cast(
+    grad: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype, chunk_size: int
+) -> torch.Tensor:
     """``grad * row_scale[:, None]`` computed in fp32, then cast to ``dtype``; consumes the fp32 ``(N, V)`` ``grad``.
 
     A narrower ``dtype`` (fp16/bf16) is written into the front of ``grad``'s own storage, so the cast needs no second

@@ -117,7 +117,9 @@ def test_library_calls_no_torch_at_import_and_names_no_device(path):
     tree = ast.parse(path.read_text(), filename=str(path))
     torch_names = _torch_names(tree)
     at_import = [
-        f"line {call.lineno}: {ast.unparse(call)}" for call in _import_time_calls(tree) if _root_name(call) in torch_names
+        f"line {call.lineno}: {ast.unparse(call)}"
+        for call in _import_time_calls(tree)
+        if _root_name(call) in torch_names
     ]
     assert not at_import, f"{path.name} calls torch at import time: {at_import}"
     literal_devices = [

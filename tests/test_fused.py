@@ -75,7 +75,8 @@ def test_fused_follows_autocast_like_the_materialized_head():
             if fused:
                 loss = linear_lm_loss(h, weight, labels, objective="emo", lm_head_bias=bias, cost_embedding=cost)
             else:
-                loss = lm_loss(torch.nn.functional.linear(h, weight, bias), labels, objective="emo", cost_embedding=cost)
+                logits = torch.nn.functional.linear(h, weight, bias)
+                loss = lm_loss(logits, labels, objective="emo", cost_embedding=cost)
         results.append(_run(lambda: loss, [h, weight, bias], "mean"))
     for ours, expected in zip(*results):
         assert ours.dtype == expected.dtype == torch.float32

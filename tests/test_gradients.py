@@ -80,11 +80,15 @@ def test_fused_half_gradients_are_as_precise_as_autograd(objective, dtype):
     """The same bounds for the fused head's hidden-state and weight gradients, against autograd through a half LM
     head (``hidden @ weight.T`` in that dtype, loss in fp32)."""
     _, hidden, weight, labels, cost = _case(dtype, seed=1)
-    reference = _scaled_grads(lambda h, w: _autograd_loss(h @ w.T, labels, cost, objective), hidden.float(), weight.float())
-    autograd_half = _scaled_grads(lambda h, w: _autograd_loss((h @ w.T).float(), labels, cost, objective), hidden, weight)
-    ours = _scaled_grads(
-        lambda h, w: linear_lm_loss(h, w, labels, objective=objective, cost_embedding=cost, chunk_size=64), hidden, weight
-    )
+    def autograd(h, w):
+        return _autograd_loss((h @ w.T).float(), labels, cost, objective)
+
+    def fused(h, w):
+        return linear_lm_loss(h, w, labels, objective=objective, cost_embedding=cost, chunk_size=64)
+
+    reference = _scaled_grads(autograd, hidden.float(), weight.float())
+    autograd_half = _scaled_grads(autograd, hidden, weight)
+    ours = _scaled_grads(fused, hidden, weight)
     for our_grad, autograd_grad, reference_grad in zip(ours, autograd_half, reference):
         _assert_as_precise_as_autograd(our_grad, autograd_grad, reference_grad)
 
