@@ -65,7 +65,8 @@ def run(cfg: DictConfig) -> dict:
                                            cfg.data.pack_batch_texts,
                                            max_blocks=(cfg.data.max_blocks or {}).get("validation"))
 
-    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device)
+    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device,
+                          fsdp=bool(args.fsdp))
     model = apply_adapter(model, cfg.adapter, base_name=cfg.model.name_or_path or cfg.model.name)
     parameters = parameter_counts(model)
     trainer = ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=blocks["train"],

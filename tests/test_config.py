@@ -179,3 +179,20 @@ def test_fsdp_request_is_refused_without_cuda_and_mapped_with_it(compose_cfg, tm
     else:
         args = training_arguments(node, output_dir=tmp_path, report_to=[], seed=1, run_name="x")
         assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["GPT2Block"]
+
+
+@pytest.mark.parametrize("objective,impl,refused", [("mle", "materialized", False), ("sft/emo", "materialized", False),
+                                                    ("sft/emo", "fused", True), ("adaptive_emo", "materialized", True)])
+def test_fsdp_refuses_objectives_that_read_the_sharded_head(compose_cfg, objective, impl, refused):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from experiments.pipeline.training import objective_loss
+
+    node = compose_cfg(f"objective={objective}", f"objective.impl={impl}").objective
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_layer=1, n_embd=8, n_head=2, bos_token_id=0, eos_token_id=0))
+    build = lambda: objective_loss(node, model, cost_source=None, device="cpu", fsdp=True)  # noqa: E731
+    if refused:
+        with pytest.raises(ValueError, match="FSDP keeps it sharded"):
+            build()
+    else:
+        assert build().objective == node.name

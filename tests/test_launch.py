@@ -14,6 +14,13 @@ SLURM_TASK = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASK
 DISTRIBUTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def clear_env(monkeypatch, names) -> None:
+    """Unset `names` for this test; teardown restores (or removes) whatever the code under test exported."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def load_run_module():
     spec = importlib.util.spec_from_file_location("emo_run_entry", ROOT / "run.py")
     module = importlib.util.module_from_spec(spec)
@@ -29,8 +36,7 @@ def test_slurm_launcher_config_composes(compose_cfg):
 
 
 def test_multi_task_slurm_job_exports_torch_distributed_env(monkeypatch):
-    for name in (*DISTRIBUTED, "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(name, raising=False)
+    clear_env(monkeypatch, (*DISTRIBUTED, "CUDA_VISIBLE_DEVICES"))
     for name, value in SLURM_TASK.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("subprocess.check_output", lambda *a, **k: b"gpu01\ngpu02\n")
@@ -43,13 +49,17 @@ def test_multi_task_slurm_job_exports_torch_distributed_env(monkeypatch):
 
 
 def test_torchrun_or_single_task_jobs_are_left_alone(monkeypatch):
+    clear_env(monkeypatch, DISTRIBUTED)
     for name, value in SLURM_TASK.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
     load_run_module().export_slurm_distributed_env()
     assert "WORLD_SIZE" not in os.environ
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     load_run_module().export_slurm_distributed_env()
     assert "RANK" not in os.environ
+
+
+def test_zz_no_distributed_variables_leak_from_these_tests():
+    assert not any(name in os.environ for name in DISTRIBUTED)  # runs last in this module

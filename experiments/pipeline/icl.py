@@ -293,6 +293,12 @@ def _summed_nll(logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tens
     return losses.view(targets.shape).sum(dim=1)
 
 
+def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with every position of `ids` (B, T): the next token, and the pad id after the last one; the
+    logits then need no shifted (copied) slice."""
+    return torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+
+
 def _counts(seqs: Sequence[Sequence[int]], ignore_id: int | None) -> torch.Tensor:
     """Per-sequence token counts OpenICL divides by: every token not equal to `ignore_id` (the first one included)."""
     return torch.tensor([max(sum(1 for t in seq if t != ignore_id), 1) for seq in seqs], dtype=torch.float64)
@@ -320,7 +326,7 @@ def _score_full(model, sequences: list[list[int]], ignore_id, batch_size: int, p
         seqs = [sequences[i] for i in chunk]
         ids, mask, lengths = _pad(seqs, pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        nll = _summed_nll(logits[:, :-1], ids[:, 1:], lengths - 1, ignore_id)
+        nll = _summed_nll(logits, _next_tokens(ids), lengths - 1, ignore_id)
         scores[chunk] = (nll.double().cpu() / _counts(seqs, ignore_id)).numpy()
         progress.update(len(chunk))
     return scores
@@ -353,7 +359,7 @@ def _score_shared(model, per_example: list[list[list[int]]], ignore_id, batch_si
         prefix_ids, prefix_mask, lengths = _pad([per_example[i][0][:prefix_lengths[i]] for i in chunk], pad_id, device)
         cache = {cache_argument: DynamicCache()}
         logits = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, **cache).logits
-        prefix_nll = _summed_nll(logits[:, :-1], prefix_ids[:, 1:], lengths - 1, ignore_id)
+        prefix_nll = _summed_nll(logits, _next_tokens(prefix_ids), lengths - 1, ignore_id)
         last_logits = logits[torch.arange(len(chunk), device=device), lengths - 1].unsqueeze(1)  # predicts suffix[0]
         del logits
         label_nll = []

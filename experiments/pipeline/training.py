@@ -103,14 +103,19 @@ def check_training_argument_names(options: dict) -> None:
 
 
 def objective_loss(objective_cfg: DictConfig, model: torch.nn.Module, *, cost_source: str | None,
-                   device: torch.device) -> ObjectiveLoss:
+                   device: torch.device, fsdp: bool = False) -> ObjectiveLoss:
     """`ObjectiveLoss` for a `conf/objective/*.yaml` node.
 
     The registry says where the objective's cost embedding comes from: `none`; `fixed` (built here from
     `cost_source`: null = a frozen copy of `model`'s current LM head, else a file or model path/Hub id, moved to
-    `device`); `live_head` (read from `model` at every step by the loss itself).
+    `device`); `live_head` (read from `model` at every step by the loss itself). Under FSDP (`fsdp=True`) the LM head
+    weight is sharded outside the model's forward, so the fused path and live-head objectives are refused.
     """
     spec = get_objective(objective_cfg.name)
+    if fsdp and (objective_cfg.impl == "fused" or spec.cost_source == "live_head"):
+        raise ValueError(f"objective {objective_cfg.label!r} (impl={objective_cfg.impl}, cost from "
+                         f"{spec.cost_source}) reads the LM head weight outside the model's forward, where FSDP keeps "
+                         "it sharded: use objective.impl=materialized and a fixed cost embedding with FSDP.")
     cost = None
     if spec.cost_source == "fixed":
         vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -124,7 +129,8 @@ def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, output_dir: Path, 
     """An `ObjectiveTrainer` for `cfg.trainer`, `cfg.objective` and `cfg.model.cost_embedding`, seeded by `cfg.seed`."""
     args = training_arguments(cfg.trainer, output_dir=output_dir, report_to=report_to, seed=cfg.seed,
                               run_name=run_name)
-    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device)
+    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device,
+                          fsdp=bool(args.fsdp))
     return ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=train_dataset,
                             eval_dataset=eval_dataset,
                             data_collator=data_collator or transformers.default_data_collator)
