@@ -28,7 +28,8 @@ from emo.training import ObjectiveTrainer
 from experiments.pipeline.adapters import apply_adapter, parameter_counts, save_fine_tuned
 from experiments.pipeline.data import blocks_fingerprint, load_text_splits, pack_blocks
 from experiments.pipeline.models import load_causal_lm, load_tokenizer
-from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, new_run_id, sha256_texts, write_run
+from experiments.pipeline.records import (build_manifest, new_run_id, require_new_run, sha256_texts, trained_run_header,
+                                          write_run)
 from experiments.pipeline.tracking import make_tracker
 from experiments.pipeline.train_budget import budget_blocks
 from experiments.pipeline.training import objective_loss, resume_checkpoint, training_arguments, world_size
@@ -42,6 +43,7 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_id = cfg.run_id or new_run_id(cfg.model.name, cfg.objective.label, cfg.adapter.name)
+    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
     icl_cfg = OmegaConf.to_container(cfg.icl, resolve=True) if cfg.cft.evaluate else None
     if icl_cfg is not None:
         from experiments.pipeline.icl import task_names
@@ -82,13 +84,7 @@ def run(cfg: DictConfig) -> dict:
         model = _reload_on_main_gpu(saved["model"], cfg, tokenizer)
 
     metrics = {
-        "schema_version": SCHEMA_VERSION,
-        "experiment": cfg.experiment_name,
-        "run_id": run_id,
-        "model": cfg.model.name,
-        "objective": cfg.objective.label,
-        "objective_name": cfg.objective.name,
-        "objective_hparams": OmegaConf.to_container(cfg.objective.hparams, resolve=True),
+        **trained_run_header(cfg, run_id),
         "cost_embedding": cfg.model.cost_embedding or "initial LM head",
         "adapter": cfg.adapter.name,
         "corpus": cfg.data.name,

@@ -24,8 +24,8 @@ from experiments.pipeline.generation import (continuation_token_budget, generati
 from experiments.pipeline.metrics import Featurizer, diversity, mauve_score, mean_std
 from experiments.pipeline.models import load_causal_lm, load_tokenizer
 from experiments.pipeline.oracle import oracle_metrics
-from experiments.pipeline.records import (SCHEMA_VERSION, build_manifest, new_run_id, require_new_run, sha256_texts,
-                                          write_run)
+from experiments.pipeline.records import (build_manifest, new_run_id, require_new_run, sha256_texts,
+                                          trained_run_header, write_run)
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, resume_checkpoint
 
@@ -89,14 +89,8 @@ def run(cfg: DictConfig) -> dict:
         log.info("seed %d: MAUVE %.4f", seed, score["mauve"])
 
     metrics = {
-        "schema_version": SCHEMA_VERSION,
-        "experiment": cfg.experiment_name,
-        "run_id": run_id,
-        "objective": cfg.objective.label,
-        "objective_name": cfg.objective.name,
-        "objective_hparams": OmegaConf.to_container(cfg.objective.hparams, resolve=True),
+        **trained_run_header(cfg, run_id),
         "corpus": cfg.data.name,
-        "model": cfg.model.name,
         "decoding": cfg.decoding.name,
         "featurizer": cfg.metrics.featurizer,
         "num_prompts": len(prompts),

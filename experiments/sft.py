@@ -24,7 +24,7 @@ from experiments.pipeline.instruct import (SupervisedCollator, add_pad_token, bu
 from experiments.pipeline.judge_clients import build_judge
 from experiments.pipeline.judging import judge_outputs
 from experiments.pipeline.models import load_causal_lm
-from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, new_run_id, require_new_run, write_run
+from experiments.pipeline.records import build_manifest, new_run_id, require_new_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, resume_checkpoint
 
@@ -78,13 +78,7 @@ def run(cfg: DictConfig) -> dict:
     generation_seconds = time.time() - started - train_seconds
 
     metrics = {
-        "schema_version": SCHEMA_VERSION,
-        "experiment": cfg.experiment_name,
-        "run_id": run_id,
-        "model": cfg.model.name,
-        "objective": cfg.objective.label,
-        "objective_name": cfg.objective.name,
-        "objective_hparams": OmegaConf.to_container(cfg.objective.hparams, resolve=True),
+        **trained_run_header(cfg, run_id),
         "instructions": cfg.instructions.name,
         "eval_set": cfg.eval_instructions.name,
         "generator": generator,

@@ -74,6 +74,22 @@ def hardware_info() -> dict:
     return info
 
 
+def trained_run_header(cfg, run_id: str) -> dict:
+    """The first fields of a training run's `metrics.json`: schema, experiment, run id, model, and the objective
+    (`objective` = its label, the tables' row name; `objective_name` and `objective_hparams` = what was trained)."""
+    from omegaconf import OmegaConf
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "experiment": cfg.experiment_name,
+        "run_id": run_id,
+        "model": cfg.model.name,
+        "objective": cfg.objective.label,
+        "objective_name": cfg.objective.name,
+        "objective_hparams": OmegaConf.to_container(cfg.objective.hparams, resolve=True),
+    }
+
+
 def sha256_texts(texts: Iterable[str]) -> str:
     """SHA-256 over `texts` (each followed by a NUL byte): a fingerprint of a list of strings."""
     digest = hashlib.sha256()
