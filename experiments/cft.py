@@ -18,7 +18,6 @@ import gc
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 import transformers
@@ -28,8 +27,7 @@ from emo.training import ObjectiveTrainer
 from experiments.pipeline.adapters import apply_adapter, parameter_counts, save_fine_tuned
 from experiments.pipeline.data import blocks_fingerprint, load_text_splits, pack_blocks
 from experiments.pipeline.models import load_causal_lm, load_tokenizer
-from experiments.pipeline.records import (build_manifest, new_run_id, require_new_run, sha256_texts, trained_run_header,
-                                          write_run)
+from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker
 from experiments.pipeline.train_budget import budget_blocks
 from experiments.pipeline.training import objective_loss, resume_checkpoint, training_arguments, world_size
@@ -40,10 +38,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.objective`, then evaluate ICL; returns the metrics written."""
     started = time.time()
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_id = cfg.run_id or new_run_id(cfg.model.name, cfg.objective.label, cfg.adapter.name)
-    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
+    output_dir, run_id = start_run(cfg, cfg.model.name, cfg.objective.label, cfg.adapter.name)
     icl_cfg = OmegaConf.to_container(cfg.icl, resolve=True) if cfg.cft.evaluate else None
     if icl_cfg is not None:
         from experiments.pipeline.icl import task_names

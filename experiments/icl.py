@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.pipeline.icl import evaluate_icl, load_task, openicl_reference, task_names
 from experiments.pipeline.models import load_model_for_eval, load_tokenizer
-from experiments.pipeline.records import (SCHEMA_VERSION, build_manifest, new_run_id, require_new_run, sha256_texts,
-                                          write_run)
+from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, sha256_texts, start_run, write_run
 from experiments.pipeline.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -35,11 +34,8 @@ def run(cfg: DictConfig) -> dict:
     icl_cfg = OmegaConf.to_container(cfg.icl, resolve=True)
     names = task_names(icl_cfg)  # unknown tasks fail before the model loads
     transformers.set_seed(cfg.seed)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     objective = cfg.icl.get("objective") or "base"
-    run_id = cfg.run_id or new_run_id(cfg.model.name, objective, "icl")
-    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
+    output_dir, run_id = start_run(cfg, cfg.model.name, objective, "icl")
 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
     model, source = load_model_for_eval(OmegaConf.to_container(cfg.model, resolve=True), tokenizer,

@@ -15,8 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from experiments.pipeline.judging import judge_outputs, load_outputs, match_outputs
-from experiments.pipeline.records import (SCHEMA_VERSION, build_manifest, new_run_id, require_new_run, sha256_texts,
-                                          write_run)
+from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, sha256_texts, start_run, write_run
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,8 @@ def run(cfg: DictConfig) -> dict:
         kept = {(p.instruction, p.input) for p in pairs[:pairwise.max_instructions]}
         model_outputs = [r for r in model_outputs if (r["instruction"], r.get("input") or "") in kept]
         reference_outputs = [r for r in reference_outputs if (r["instruction"], r.get("input") or "") in kept]
-    run_id = cfg.run_id or new_run_id(pairs[0].generator if pairs else "model", "vs",
-                                      pairs[0].reference_generator if pairs else "reference", cfg.judge.name)
-    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
+    _, run_id = start_run(cfg, pairs[0].generator if pairs else "model", "vs",
+                          pairs[0].reference_generator if pairs else "reference", cfg.judge.name)
 
     judgements, judged = judge_outputs(model_outputs, reference_outputs, judge_cfg=cfg.judge,
                                        cache_dir=cfg.paths.cache_dir, show_progress=True)

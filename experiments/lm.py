@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 import pandas as pd
 import transformers
@@ -24,8 +23,7 @@ from experiments.pipeline.generation import (continuation_token_budget, generati
 from experiments.pipeline.metrics import Featurizer, diversity, mauve_score, mean_std
 from experiments.pipeline.models import load_causal_lm, load_tokenizer
 from experiments.pipeline.oracle import oracle_metrics
-from experiments.pipeline.records import (build_manifest, new_run_id, require_new_run, sha256_texts,
-                                          trained_run_header, write_run)
+from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, resume_checkpoint
 
@@ -35,10 +33,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     """Run one Track-1 job described by the composed config; returns the metrics written to metrics.json."""
     started = time.time()
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_id = cfg.run_id or new_run_id(cfg.data.name, cfg.objective.name, cfg.model.name)
-    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
+    output_dir, run_id = start_run(cfg, cfg.data.name, cfg.objective.name, cfg.model.name)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     transformers.set_seed(cfg.seed)
 

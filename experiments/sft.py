@@ -24,7 +24,7 @@ from experiments.pipeline.instruct import (SupervisedCollator, add_pad_token, bu
 from experiments.pipeline.judge_clients import build_judge
 from experiments.pipeline.judging import judge_outputs
 from experiments.pipeline.models import load_causal_lm
-from experiments.pipeline.records import build_manifest, new_run_id, require_new_run, trained_run_header, write_run
+from experiments.pipeline.records import build_manifest, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, resume_checkpoint
 
@@ -35,10 +35,7 @@ def run(cfg: DictConfig) -> dict:
     """Run one Track-3 job described by the composed config; returns the metrics written to metrics.json (an empty
     dict on the non-zero ranks of a multi-process run, which only train)."""
     started = time.time()
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_id = cfg.run_id or new_run_id(cfg.instructions.name, cfg.objective.label, cfg.model.name)
-    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
+    output_dir, run_id = start_run(cfg, cfg.instructions.name, cfg.objective.label, cfg.model.name)
     transformers.set_seed(cfg.seed)
 
     records = load_instruction_records(cfg.instructions)

@@ -157,6 +157,16 @@ def build_manifest(cfg, *, run_id: str, seeds: Mapping, data_fingerprint: Mappin
     }
 
 
+def start_run(cfg, *id_parts: str) -> tuple[Path, str]:
+    """Open a run: create its output dir (`cfg.paths.output_dir`), take `cfg.run_id` or a new id from `id_parts`,
+    and refuse, before any work, a run whose results record is already complete. Returns `(output_dir, run_id)`."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_id = cfg.run_id or new_run_id(*id_parts)
+    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
+    return output_dir, run_id
+
+
 def require_new_run(root: str | Path, experiment: str, run_id: str) -> None:
     """Fail before any work if `root/experiment/run_id` is already a complete run (records are never overwritten)."""
     if (Path(root) / experiment / run_id).exists():
