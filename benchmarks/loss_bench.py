@@ -2,12 +2,15 @@
 
 Each case runs in its own process (so peak RSS is its own): inputs are allocated in place, then ``--warmup`` plus
 ``--iters`` forward+backward passes are timed and the median is reported. "Extra" memory is the rise of peak RSS
-over the RSS right after allocation (the peak mark is reset there). Ratios are printed against the baseline case of each comparison.
+over the RSS right after allocation (the peak mark is reset there). With ``--device cuda`` the inputs live on the GPU,
+each pass is timed between device synchronisations, and "extra" memory is the CUDA allocator's peak over what was
+allocated before the first pass. Ratios are printed against the baseline case of each comparison.
 The default suite also prices half-precision logits: our loss keeps the logit gradient in fp32 until the upstream
 gradient (loss scale) is applied, so fp16/bf16 inputs cost what fp32 inputs cost, not half of it.
 
     python benchmarks/loss_bench.py                      # EMO loss vs EMOLoss==0.0.3 at (8, 256, 50257) x 768
     python benchmarks/loss_bench.py --suite fused        # fused linear+loss vs materialised logits
+    python benchmarks/loss_bench.py --device cuda        # the same comparisons on a GPU
 """
 from __future__ import annotations
 
@@ -46,18 +49,18 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def filled(*shape, requires_grad=False, dtype=torch.float32, std=1.0):
-    tensor = torch.empty(*shape, dtype=dtype).normal_(std=std)
+def filled(*shape, device, requires_grad=False, dtype=torch.float32, std=1.0):
+    tensor = torch.empty(*shape, dtype=dtype, device=device).normal_(std=std)
     return tensor.requires_grad_(requires_grad)
 
 
 def logits_case(args, dtype=torch.float32):
     """Materialised logits (B, T, V) of ``dtype`` with a padded tail, labels and a frozen cost embedding."""
     torch.manual_seed(0)
-    logits = filled(args.batch, args.seq, args.vocab, requires_grad=True, std=2.0, dtype=dtype)
-    labels = torch.randint(0, args.vocab, (args.batch, args.seq))
+    logits = filled(args.batch, args.seq, args.vocab, device=args.device, requires_grad=True, std=2.0, dtype=dtype)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     labels[:, -16:] = -100
-    cost = filled(args.vocab, args.width)
+    cost = filled(args.vocab, args.width, device=args.device)
     return logits, labels, cost
 
 
@@ -97,12 +100,12 @@ def head_case(args):
     """Hidden states (B, T, H) for ``args.tokens`` tokens, an LM head (V, H) and a frozen cost embedding."""
     torch.manual_seed(0)
     seq = 256
-    hidden = filled(args.tokens // seq, seq, args.hidden, requires_grad=True)
-    weight = filled(args.vocab, args.hidden, requires_grad=True, std=args.hidden**-0.5)
-    labels = torch.randint(0, args.vocab, (args.tokens // seq, seq))
+    hidden = filled(args.tokens // seq, seq, args.hidden, device=args.device, requires_grad=True)
+    weight = filled(args.vocab, args.hidden, device=args.device, requires_grad=True, std=args.hidden**-0.5)
+    labels = torch.randint(0, args.vocab, (args.tokens // seq, seq), device=args.device)
     from emo import CostEmbedding
 
-    return hidden, weight, labels, CostEmbedding(filled(args.vocab, args.width))
+    return hidden, weight, labels, CostEmbedding(filled(args.vocab, args.width, device=args.device))
 
 
 def case_head_materialized(objective):
@@ -148,9 +151,9 @@ def case_train_step(objective, fused):
 
         torch.manual_seed(0)
         config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=args.vocab, n_positions=args.train_seq)
-        model = GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel(config).to(args.device)
         cost = cost_embedding_from_model(model)
-        ids = torch.randint(0, args.vocab, (args.train_batch, args.train_seq))
+        ids = torch.randint(0, args.vocab, (args.train_batch, args.train_seq), device=args.device)
         if not fused:
             return lambda: model(input_ids=ids, labels=ids).loss, list(model.parameters())
 
@@ -201,19 +204,28 @@ SUITES = {  # per suite: the shape defaults, the cases (one process each); its R
 
 def run_worker(args) -> dict:
     torch.set_num_threads(args.threads)
+    cuda = torch.device(args.device).type == "cuda"
     step, leaves = CASES[args.worker](args)
-    reset_peak_rss()
-    baseline = rss_mb()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    else:
+        reset_peak_rss()
+        baseline = rss_mb()
     times = []
     for i in range(args.warmup + args.iters):
         for leaf in leaves:
             leaf.grad = None
         start = time.perf_counter()
         step().backward()
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         if i >= args.warmup:
             times.append(elapsed)
-    return {"case": args.worker, "ms": 1000 * statistics.median(times), "extra_mb": peak_rss_mb() - baseline}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    return {"case": args.worker, "ms": 1000 * statistics.median(times), "extra_mb": peak - baseline}
 
 
 def main() -> None:
@@ -230,6 +242,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     suite = SUITES[args.suite]
@@ -240,7 +253,7 @@ def main() -> None:
         print(json.dumps(run_worker(args)))
         return
 
-    names = [*suite["defaults"], "warmup", "iters", "threads"]
+    names = [*suite["defaults"], "warmup", "iters", "threads", "device"]
     shared = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in names]
     results = {}
     for case in suite["cases"]:
