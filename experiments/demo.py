@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.pipeline.records import load_runs
-from experiments.tables import OBJECTIVE_ORDER, aggregate, bold_best, group_runs, ordered
+from experiments.pipeline.run_groups import OBJECTIVE_ORDER, aggregate, group_runs, ordered
+from experiments.pipeline.table_format import Table, bold_best, row_sources, write_table
 
 ORACLE_ROW = "oracle (reference)"
 COLUMNS = {  # column -> (read from metrics.json (see experiments.tables.aggregate), higher is better, decimals)
@@ -98,21 +99,26 @@ def plot(values: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def report_table(runs: Sequence[dict]) -> Table:
+    """The demo table as `make demo` and `make tables` write it: `demo_table` with its caption and sources (a row's
+    runs; the reference row's are every run)."""
+    values, cells = demo_table(runs)
+    caption = ("Students of the synthetic oracle language: exact per-token distances on held-out oracle text (forward "
+               "KL = recall/coverage, reverse KL = precision), the student's perplexity there, MAUVE (mean ± std over "
+               "sampling seeds) of samples vs held-out oracle text, distinct-n of samples")
+    groups = group_runs([r for r in runs if "oracle" in r], column=None)
+    return Table(values, cells, caption, row_sources(cells, groups))
+
+
 def write_demo_report(results_dir: str | Path, experiment: str = "demo") -> dict[str, Path] | None:
-    """Write `<results_dir>/tables/<experiment>.{md,csv,png}`; returns their paths, or None without oracle runs."""
-    values, cells = demo_table(load_runs(results_dir, experiment))
-    if cells.empty:
+    """Write `<results_dir>/tables/<experiment>.{md,csv,tex,png}` (and its lines of `sources.csv`); returns their
+    paths, or None without oracle runs."""
+    table = report_table(load_runs(results_dir, experiment))
+    if table.cells.empty:
         return None
-    out_dir = Path(results_dir) / "tables"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {suffix: out_dir / f"{experiment}.{suffix}" for suffix in ("md", "csv", "png")}
-    paths["md"].write_text(
-        f"Experiment {experiment}: students of the synthetic oracle language. Exact per-token distances on held-out "
-        "oracle text (forward KL = recall/coverage, reverse KL = precision), the student's perplexity there, MAUVE "
-        "(mean ± std over sampling seeds) of samples vs held-out oracle text, distinct-n of samples; best in bold.\n\n"
-        f"{cells.to_markdown(disable_numparse=True)}\n")
-    values.to_csv(paths["csv"])
-    plot(values, paths["png"])
+    markdown = write_table(Path(results_dir) / "tables", experiment, table)
+    paths = {suffix: markdown.with_suffix(f".{suffix}") for suffix in ("md", "csv", "tex", "png")}
+    plot(table.values, paths["png"])
     return paths
 
 

@@ -289,7 +289,7 @@ def test_table_rows_judges_and_latest_run():
             {**base, "run_id": "4", "model": "llama7b", "objective": "EMO", "judge": "autoj-13b", "template": "autoj",
              "positions": "random_swap", "win_rate": 0.6, "length_controlled": {"win_rate": None}},
             {"run_id": "5", "mauve": 0.9}]
-    values, cells, caption = instruct_tables(runs)["instruct_winrate"]
+    values, cells, caption = instruct_tables(runs)["instruct_winrate"][:3]
     assert list(cells.index) == ["llama7b / EMO vs gpt4", "llama7b / MLE vs gpt4"]
     assert list(cells.columns) == ["autoj-13b (autoj) [random_swap]", "autoj-13b (autoj) [random_swap] LC",
                                    "gpt-4 (pair-v2)", "gpt-4 (pair-v2) LC"]
@@ -313,13 +313,13 @@ def _judged_sft_run(compose_cfg, run_id, *overrides, win_rate, seed=0, lc=0.5):
 def test_table_keeps_setups_apart_and_pools_seeds(compose_cfg):
     greedy = _judged_sft_run(compose_cfg, "1", win_rate=0.40)
     sampled = _judged_sft_run(compose_cfg, "2", "decoding=top_p", win_rate=0.60)
-    values, cells, _ = instruct_tables([greedy, sampled])["instruct_winrate"]
+    values, cells, _ = instruct_tables([greedy, sampled])["instruct_winrate"][:3]
     assert list(cells.index) == ["tiny_llama / mle vs gpt4 (decoding=greedy)",
                                  "tiny_llama / mle vs gpt4 (decoding=top_p)"]
     assert cells.iloc[0, 0] == "40.0 ± 10.0" and cells.iloc[1, 0] == "**60.0 ± 10.0**"
 
     repeats = [greedy, _judged_sft_run(compose_cfg, "3", win_rate=0.50, seed=1, lc=0.7)]
-    values, cells, _ = instruct_tables(repeats)["instruct_winrate"]
+    values, cells, _ = instruct_tables(repeats)["instruct_winrate"][:3]
     assert list(cells.index) == ["tiny_llama / mle vs gpt4"]  # differing only in seed: one pooled row
     assert cells.iloc[0].tolist() == ["45.0 ± 7.1 (n=2)", "60.0 ± 14.1 (n=2)"]
     judge = cells.columns[0]
@@ -327,18 +327,18 @@ def test_table_keeps_setups_apart_and_pools_seeds(compose_cfg):
     assert values.loc["tiny_llama / mle vs gpt4", f"{judge} wins"] == 4
 
     rerun = {**greedy, "run_id": "4", "win_rate": 0.30}  # same setup, same seeds: replaces the earlier run
-    _, cells, _ = instruct_tables([greedy, rerun])["instruct_winrate"]
+    _, cells, _ = instruct_tables([greedy, rerun])["instruct_winrate"][:3]
     assert cells.iloc[0, 0] == "30.0 ± 10.0"
 
     autoj = _judged_sft_run(compose_cfg, "5", "judge/template=autoj", win_rate=0.55)
-    _, cells, _ = instruct_tables([greedy, autoj])["instruct_winrate"]  # another template: its own judge columns
+    _, cells, _ = instruct_tables([greedy, autoj])["instruct_winrate"][:3]  # another template: its own judge columns
     assert cells.shape == (1, 4) and list(cells.index) == ["tiny_llama / mle vs gpt4"]
     hot = _judged_sft_run(compose_cfg, "6", "judge.temperature=0.7", win_rate=0.55)
-    _, cells, _ = instruct_tables([greedy, hot])["instruct_winrate"]
+    _, cells, _ = instruct_tables([greedy, hot])["instruct_winrate"][:3]
     assert list(cells.index) == ["tiny_llama / mle vs gpt4 (judge.temperature=0.0)",
                                  "tiny_llama / mle vs gpt4 (judge.temperature=0.7)"]
     emo = _judged_sft_run(compose_cfg, "7", "objective=sft/emo", win_rate=0.55)
-    _, cells, _ = instruct_tables([greedy, emo])["instruct_winrate"]  # the row label already names the objective
+    _, cells, _ = instruct_tables([greedy, emo])["instruct_winrate"][:3]  # the row label already names the objective
     assert sorted(cells.index) == ["tiny_llama / emo vs gpt4", "tiny_llama / mle vs gpt4"]
 
 
@@ -363,8 +363,8 @@ def test_an_sft_run_and_a_later_judge_of_its_outputs_share_a_row(compose_cfg):
     later = {**own, "run_id": "2", "experiment": "judge", "judge": "gpt-4", "win_rate": 0.30,
              "setup": {"pairwise.model_outputs": "results/sft_tiny/1/model_outputs.json", "judge.model": "gpt-4"},
              "seeds": {"random_swap": None}}
-    _, cells, _ = instruct_tables([own, later])["instruct_winrate"]
+    _, cells, _ = instruct_tables([own, later])["instruct_winrate"][:3]
     assert list(cells.index) == ["tiny_llama / mle vs gpt4"] and cells.shape == (1, 4)  # one row, two judges
     same_judge = {**later, "judge": own["judge"]}
-    _, cells, _ = instruct_tables([own, same_judge])["instruct_winrate"]
+    _, cells, _ = instruct_tables([own, same_judge])["instruct_winrate"][:3]
     assert list(cells.index) == ["tiny_llama / mle vs gpt4 [judge]", "tiny_llama / mle vs gpt4 [sft_tiny]"]

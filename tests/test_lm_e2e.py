@@ -74,7 +74,7 @@ def test_track1_tiny_all_objectives(tmp_path, compose_cfg, data_dir, monkeypatch
     assert len(fingerprints) == 1 and set(mauve) == set(emo.OBJECTIVES)
 
     assert tables_main(["--results-dir", str(results), "--experiment", "lm_tiny"]) == 0
-    table = (results / "tables" / "lm_mauve.md").read_text()
+    table = (results / "tables" / "lm_mauve_tiny_gpt2.md").read_text()
     best = max(mauve.values())
     for objective, value in mauve.items():
         assert f"| {objective} " in table

@@ -7,17 +7,21 @@ import pytest
 
 from experiments.pipeline.records import (build_manifest, flatten, git_commit, load_runs, new_run_id,
                                           package_versions, require_new_run, run_setup, write_run)
-from experiments.tables import (TABLE_BUILDERS, Table, bold_best, group_runs, latex, lm_tables, main as tables_main,
-                                pivot_table, write_table_files, write_tables)
+from experiments.pipeline.lm_table import lm_tables
+from experiments.pipeline.run_groups import group_runs
+from experiments.pipeline.table_format import Table, bold_best, empty_sources, latex, pivot_table, write_table
+from experiments.tables import TABLE_BUILDERS, main as tables_main, write_tables
 
 
 def fake_metrics(objective, corpus, mauve, run_id, model="gpt2", ppl=30.0, **fields):
     return {"run_id": run_id, "objective": objective, "corpus": corpus, "model": model, "test_perplexity": ppl,
-            "mauve": {"mean": mauve, "std": 0.01, "values": [mauve - 0.01, mauve + 0.01]}, **fields}
+            "mauve": {"mean": mauve, "std": 0.01, "values": [mauve - 0.01, mauve + 0.01]},
+            "diversity": {"rep_2": {"mean": 0.1, "std": 0.0, "values": [0.1, 0.1]}}, "gold_diversity": {"rep_2": 0.1},
+            **fields}
 
 
-def build_table(runs, name):
-    return lm_tables(runs)[name][:2]
+def build_table(runs, name, model="gpt2"):
+    return lm_tables(runs)[f"{name}_{model}"][:2]
 
 
 def test_write_run_is_atomic_and_complete(tmp_path):
@@ -58,10 +62,10 @@ def test_table_rows_columns_bold_and_latest(tmp_path):
     assert cells.loc["mle", "wikitext2"] == "**0.750 ± 0.010**" and cells.loc["emo", "ptb"] == "**0.900 ± 0.010**"
     assert cells.loc["mle", "ptb"] == "0.800 ± 0.010" and values.loc["mle", "wikitext2 mean"] == 0.75
     _, ppl = build_table(runs, "lm_perplexity")
-    assert ppl.loc["mle", "ptb"] == "**30.00**"
-    _, multi = build_table(runs + [fake_metrics("emo", "ptb", 0.5, "2026_f", model="opt-125m")], "lm_mauve")
-    assert {"emo (model=opt-125m)", "emo (model=gpt2)", "mle (model=gpt2)"} == set(multi.index)
-    assert multi.loc["emo (model=opt-125m)", "wikitext2"] == "–"
+    assert ppl.loc["mle", "ptb PPL ↓"] == "**30.00**"
+    tables = lm_tables(runs + [fake_metrics("emo", "ptb", 0.5, "2026_f", model="opt-125m")])  # one pair per model
+    assert list(tables["lm_mauve_gpt2"][1].index) == ["mle", "emo"]
+    assert dict(tables["lm_mauve_opt-125m"][1]["ptb"]) == {"emo": "**0.500 ± 0.010**"}
 
 
 def test_tables_cli_writes_md_csv_tex(tmp_path, capsys):
@@ -70,18 +74,18 @@ def test_tables_cli_writes_md_csv_tex(tmp_path, capsys):
                   manifest={}, jsonl={"generations.jsonl": []})
     assert tables_main(["--results-dir", str(tmp_path)]) == 0
     out = tmp_path / "tables"
-    assert (out / "lm_mauve.md").read_text() == (  # the format of a table of single runs
-        "MAUVE (mean ± std over sampling seeds), experiment lm_gpt2; best per corpus in bold.\n\n"
+    assert (out / "lm_mauve_gpt2.md").read_text() == (  # the format of a table of single runs
+        "MAUVE ↑ of gpt2 fine-tuned with each objective (mean ± std over sampling seeds); 2 runs of experiment "
+        "lm_gpt2; best per corpus in bold.\n\n"
         "| objective   | ptb               |\n"
         "|:------------|:------------------|\n"
         "| mle         | 0.500 ± 0.010     |\n"
         "| emo         | **0.600 ± 0.010** |\n")
-    assert {p.name for p in out.iterdir()} >= {f"lm_mauve.{s}" for s in ("md", "csv", "tex")}
-    assert "**0.600 ± 0.010**" in (out / "lm_mauve.md").read_text()
-    assert r"\textbf{0.600 $\pm$ 0.010}" in (out / "lm_mauve.tex").read_text()
-    assert (out / "lm_mauve.csv").read_text().splitlines()[0] == "objective,ptb mean,ptb std"
-    assert "lm_mauve" in capsys.readouterr().out
-    assert write_tables(tmp_path, "other") == {}
+    assert {p.name for p in out.iterdir()} >= {f"lm_mauve_gpt2.{s}" for s in ("md", "csv", "tex")}
+    assert r"\textbf{0.600 $\pm$ 0.010}" in (out / "lm_mauve_gpt2.tex").read_text()
+    assert (out / "lm_mauve_gpt2.csv").read_text().splitlines()[0] == "objective,ptb mean,ptb std"
+    assert "lm_mauve_gpt2" in capsys.readouterr().out
+    assert not any(write_tables(tmp_path, "other").values())
     assert tables_main(["--results-dir", str(tmp_path), "--experiment", "other"]) == 1
 
 
@@ -116,7 +120,7 @@ def test_runs_differing_only_in_seed_are_pooled_and_reruns_replaced():
     assert values.loc["emo", "ptb runs"] == 2 and values.loc["mle", "ptb runs"] == 1
     assert cells.loc["emo", "ptb"] == f"**{mean:.3f} ± {std:.3f} (n=2)**"
     _, ppl = build_table(runs, "lm_perplexity")
-    assert ppl.loc["emo", "ptb"] == "**30.00 ± 0.00 (n=2)**"  # ties are all best
+    assert ppl.loc["emo", "ptb PPL ↓"] == "**30.00 ± 0.00 (n=2)**"  # ties are all best
 
 
 def test_objective_hyper_parameters_split_only_their_own_objective():
@@ -161,7 +165,7 @@ def test_tables_from_manifests_split_setups_and_pool_seeds(tmp_path, compose_cfg
     record("r4", "objective.hparams.gt_q=true", mauve=0.1)
     runs = load_runs(tmp_path / "results", "lm_tiny")
     assert all("setup" in r and "seeds" in r for r in runs)
-    _, cells = lm_tables(runs)["lm_mauve"][:2]
+    _, cells = build_table(runs, "lm_mauve")
     assert dict(cells["wikitext2_local"]) == {
         "emo (decoding=top_p, objective.hparams.gt_q=false)": "**0.900 ± 0.010**",
         "emo (decoding=unbiased, objective.hparams.gt_q=false)": "0.600 ± 0.116 (n=2)",  # 0.49, 0.51, 0.69, 0.71
@@ -172,27 +176,33 @@ def test_registered_builders_write_md_csv_tex(tmp_path, monkeypatch):
     def accuracy_tables(runs):
         runs = [r for r in runs if "accuracy" in r]
         table = pivot_table(runs, read=lambda r: r["accuracy"], higher_better=True, decimals=1, column="task")
-        return {"fewshot_accuracy": table[:2]}  # a plain (values, cells) pair is accepted
+        return {"fewshot_accuracy": table}
 
     monkeypatch.setitem(TABLE_BUILDERS, "fewshot", accuracy_tables)
     for i, (objective, task, accuracy) in enumerate([("mle", "sst2", 80.0), ("emo", "sst2", 85.0)]):
         write_run(tmp_path, "fewshot", f"r{i}", manifest={},
                   metrics={"run_id": f"r{i}", "objective": objective, "task": task, "accuracy": accuracy})
     written = write_tables(tmp_path, "fewshot")
-    assert set(written) == {"fewshot_accuracy"}
-    assert "| emo         | **85.0** |" in written["fewshot_accuracy"].read_text()
+    assert {kind: set(tables) for kind, tables in written.items() if tables} == {"fewshot": {"fewshot_accuracy"}}
+    assert "| emo         | **85.0** |" in written["fewshot"]["fewshot_accuracy"].read_text()
     assert (tmp_path / "tables" / "fewshot_accuracy.csv").read_text().splitlines()[1] == "mle,80.0,"
 
 
-def test_write_table_files_and_bold_best(tmp_path):
+def test_write_table_and_bold_best(tmp_path):
     cells = pd.DataFrame({"a": ["1.0", "2.0"]}, index=pd.Index(["x_1", "y"], name="objective"))
     bold_best(cells, "a", pd.Series([1.0, 2.0], index=["x_1", "y"]), higher_better=False)
     assert list(cells["a"]) == ["**1.0**", "2.0"]
-    path = write_table_files("t", pd.DataFrame({"a mean": [1.0, 2.0]}, index=cells.index), cells, tmp_path, "Cap")
-    assert path.read_text().startswith("Cap; best per column in bold.\n\n| objective   | a       |")
-    assert r"x\_1 & \textbf{1.0} \\" in latex(cells, "Cap") and r"\caption{Cap.}" in (tmp_path / "t.tex").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md", "t.tex"]
-    assert isinstance(Table(pd.DataFrame(), pd.DataFrame()).caption, str)
+    sources = empty_sources(cells)
+    sources.at["x_1", "a"], sources.at["y", "a"] = ("exp/r1",), ("exp/r2",)
+    table = Table(pd.DataFrame({"a mean": [1.0, 2.0]}, index=cells.index), cells, "Cap", sources)
+    path = write_table(tmp_path, "t", table)
+    assert path.read_text().startswith("Cap; 2 runs of experiment exp; best per column in bold.\n\n| objective   |")
+    assert r"x\_1 & \textbf{1.0} \\" in latex(cells, "Cap")
+    assert r"\caption{Cap; 2 runs" in (tmp_path / "t.tex").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "sources.csv", "t.csv", "t.md", "t.tex"]
+    with pytest.raises(ValueError, match="Table 'u' has no sources"):
+        write_table(tmp_path, "u", Table(table.values, cells))
 
 
 def test_git_dirty_flag_counts_untracked_files(tmp_path):

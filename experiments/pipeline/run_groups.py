@@ -12,8 +12,12 @@ import json
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from experiments.pipeline.records import flatten
+
+OBJECTIVE_ORDER = ("mle", "mixce", "tailr", "tvd", "emo", "emo2", "adaptive_emo")
+"""Row order of objectives in every table (unknown ones last, by name)."""
 
 DERIVED_SIZES = ("num_prompts", "max_new_tokens")
 """metrics.json sizes that follow from config and data; part of every run's identity (the data may have changed)."""
@@ -38,6 +42,19 @@ def run_identity(run: Mapping) -> dict[str, str]:
     fields = FALLBACK_IDENTITY if run.get("setup") is None else DERIVED_SIZES
     identity = {**(run.get("setup") or {}), **{key: run[key] for key in fields if key in run}}
     return {key: json.dumps(value, sort_keys=True) for key, value in flatten(identity).items()}
+
+
+def run_ref(run: Mapping) -> str:
+    """`<experiment>/<run id>`: the run's folder under the results directory (what `sources.csv` names)."""
+    if run.get("run_dir"):
+        path = Path(run["run_dir"])
+        return f"{path.parent.name}/{path.name}"
+    return f"{run.get('experiment', '?')}/{run.get('run_id', '?')}"
+
+
+def run_refs(runs: Sequence[Mapping]) -> tuple[str, ...]:
+    """The sorted, distinct `run_ref`s of `runs`."""
+    return tuple(sorted({run_ref(run) for run in runs}))
 
 
 def _seeds(run: Mapping) -> str:

@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from experiments.pipeline.run_groups import RunGroup, aggregate, group_runs
+from experiments.pipeline.run_groups import RunGroup, aggregate, group_runs, run_refs
+from experiments.pipeline.table_format import MISSING, Table, bold_best, empty_sources
 
 CAPTION = ("Pairwise win rate against the reference (%, wins + ties/2, ± standard error, or mean ± std over runs "
            "that differ only in seeds; LC: length-controlled, AlpacaEval-style GLM fitted offline)")
@@ -105,33 +106,35 @@ def _format(mean: float, spread: float | None, runs: int) -> str:
     return f"{mean:.1f}" + (f" ± {spread:.1f}" if spread is not None else "") + (f" (n={runs})" if runs > 1 else "")
 
 
-def instruct_tables(runs: Sequence[Mapping]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, str]]:
-    """`{"instruct_winrate": (values, cells, caption)}`, or `{}` without judged runs."""
+def instruct_tables(runs: Sequence[Mapping]) -> dict[str, Table]:
+    """`{"instruct_winrate": Table}`, or `{}` without judged runs; a cell's sources are its pooled runs."""
     judged = [run for run in runs if is_judged(run) and run["win_rate"] is not None]
     if not judged:
         return {}
     groups = _groups(judged)
     rows = sorted({row for row, _ in groups})
     judges = sorted({judge for _, judge in groups})
-    cells = pd.DataFrame("–", index=rows, columns=[name for j in judges for name in (j, f"{j} LC")], dtype=object)
+    cells = pd.DataFrame(MISSING, index=rows, columns=[name for j in judges for name in (j, f"{j} LC")], dtype=object)
+    sources = empty_sources(cells)
     values = pd.DataFrame(index=rows, dtype=float)
     for (row, judge), group in groups.items():
         rate, spread, n_runs = aggregate(group, _win_rate)
-        lcs = [100.0 * float(lc) for run in group.runs
-               if (lc := (run.get("length_controlled") or {}).get("win_rate")) is not None]
+        lc_runs = [run for run in group.runs if (run.get("length_controlled") or {}).get("win_rate") is not None]
+        lcs = [100.0 * float(run["length_controlled"]["win_rate"]) for run in lc_runs]
         lc = statistics.fmean(lcs) if lcs else None
         numbers = {"win_rate": rate, "se": spread, "lc_win_rate": lc, "runs": n_runs,
                    **{name: sum(run.get(name) or 0 for run in group.runs) for name in COUNTS}}
         for name, number in numbers.items():
             values.loc[row, f"{judge} {name}"] = number
         cells.loc[row, judge] = _format(rate, spread, n_runs)
+        sources.at[row, judge] = run_refs(group.runs)
         if lcs:
+            sources.at[row, f"{judge} LC"] = run_refs(lc_runs)
             cells.loc[row, f"{judge} LC"] = _format(lc, statistics.stdev(lcs) if len(lcs) > 1 else None, len(lcs))
     for judge in judges:
         for column, key in ((judge, "win_rate"), (f"{judge} LC", "lc_win_rate")):
             numbers = pd.to_numeric(values[f"{judge} {key}"], errors="coerce")
-            if len(rows) > 1 and numbers.notna().any():
-                for row in numbers.index[numbers == numbers.max()]:
-                    cells.loc[row, column] = f"**{cells.loc[row, column]}**"
-    values.index.name = cells.index.name = "model vs reference"
-    return {"instruct_winrate": (values, cells, CAPTION)}
+            if len(rows) > 1:
+                bold_best(cells, column, numbers, higher_better=True)
+    values.index.name = cells.index.name = sources.index.name = "model vs reference"
+    return {"instruct_winrate": Table(values, cells, CAPTION, sources)}
