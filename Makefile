@@ -25,7 +25,6 @@ test: install
 # ---- Track 1: language modelling (GPT-2; needs the Hugging Face Hub, ideally a GPU) ----
 DATA ?= wikitext2
 LM_OBJECTIVES ?= mle,mixce,tailr,emo
-EXPERIMENT ?= lm_gpt2
 RUN_ARGS ?=
 
 .PHONY: lm-gpt2 tables
@@ -33,6 +32,10 @@ RUN_ARGS ?=
 lm-gpt2: install
 	$(PY) run.py -m experiment=lm_gpt2 data=$(DATA) objective=$(LM_OBJECTIVES) $(RUN_ARGS)
 	$(MAKE) tables EXPERIMENT=lm_gpt2
+
+# Every table from everything under results/ (EMO_RESULTS_DIR): Track 1 per model, Track 2, Track 3 and the demo, as
+# results/tables/<name>.{md,csv,tex} plus sources.csv (the run ids behind each cell). EXPERIMENT=<name>: one experiment.
+EXPERIMENT ?= all
 
 tables: install
 	$(PY) -m experiments.tables --experiment $(EXPERIMENT)

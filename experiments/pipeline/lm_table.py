@@ -53,7 +53,7 @@ def quality_table(runs: Sequence[Mapping]) -> Table:
                                        column_order=CORPUS_ORDER),
              "diversity": pivot_table([r for r in runs if _rep_keys(r)], read=_diversity, higher_better=None,
                                       decimals=3, column_order=CORPUS_ORDER)}
-    rows = [*parts["perplexity"].cells.index, HUMAN_ROW]
+    rows = [*parts["perplexity"].cells.index, *([HUMAN_ROW] if not parts["diversity"].cells.empty else [])]
     corpora = list(parts["perplexity"].cells.columns)
     cells = pd.DataFrame(MISSING, index=rows, columns=[f"{c} {s}" for c in corpora for s in METRICS.values()])
     values = pd.DataFrame(index=rows, dtype=float)
@@ -75,6 +75,8 @@ def quality_table(runs: Sequence[Mapping]) -> Table:
                 cells.loc[HUMAN_ROW, column] = f"{human:.3f}"
                 sources.at[HUMAN_ROW, column] = run_refs(in_corpus)
                 bold_best(cells, column, (values.loc[labels, f"{corpus} diversity mean"] - human).abs(), False)
+    values = values[[column for corpus in corpora for metric in METRICS for column in values
+                     if column.startswith(f"{corpus} {metric} ")]]
     values.index.name = cells.index.name = sources.index.name = "objective"
     return Table(values, cells, sources=sources)
 
