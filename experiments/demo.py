@@ -23,7 +23,7 @@ from experiments.pipeline.run_groups import OBJECTIVE_ORDER, aggregate, group_ru
 from experiments.pipeline.table_format import Table, bold_best, row_sources, write_table
 
 ORACLE_ROW = "oracle (reference)"
-COLUMNS = {  # column -> (read from metrics.json (see experiments.tables.aggregate), higher is better, decimals)
+COLUMNS = {  # column -> (read from metrics.json (see run_groups.aggregate), higher is better, decimals)
     "forward KL ↓": (lambda m: m["oracle"]["forward_kl"], False, 3),
     "reverse KL ↓": (lambda m: m["oracle"]["reverse_kl"], False, 3),
     "TVD ↓": (lambda m: m["oracle"]["tvd"], False, 3),
