@@ -103,3 +103,20 @@ demo-instruct: install
 	$(PY) run.py -m experiment=sft_demo objective=$(DEMO_INSTRUCT_OBJECTIVES) $(RUN_ARGS) && \
 	$(PY) -m experiments.tables --experiment sft_demo && \
 	echo "make demo-instruct: $$(( $$(date +%s) - start )) s wall time"
+
+# ---- Notebooks: one per track and the demo (notebooks/), reading run records only; docs/notebooks.md ----
+# tiny-results: the tiny offline experiment of every track (a minute or two on 2 CPU cores) into $EMO_RESULTS_DIR
+# (default results/); notebooks: execute every notebook with nbclient against that folder, executed copies (figures
+# included) in <results>/notebooks/, failing if a cell raises. From a fresh clone: `make tiny-results notebooks`.
+.PHONY: tiny-results notebooks
+
+tiny-results: install
+	export HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	$(PY) run.py -m experiment=lm_tiny objective=mle,mixce,tailr,emo && \
+	$(PY) run.py -m experiment=demo_smoke objective=mle,mixce,tailr,emo && \
+	$(PY) run.py experiment=icl_tiny experiment_name=cft_tiny icl.max_test_rows=16 && \
+	$(PY) run.py -m experiment=cft_tiny objective=mle,cft/emo2 icl.max_test_rows=16 && \
+	$(PY) run.py -m experiment=sft_tiny objective=mle,sft/emo
+
+notebooks: install
+	HF_HUB_OFFLINE=1 $(PY) -m experiments.notebooks
