@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=blocks["train"],
                                eval_dataset=blocks["validation"], data_collator=transformers.default_data_collator)
     train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(checkpoints))
+    skipped_steps = trainer.divergence_guard.skipped_steps
     validation = trainer.evaluate() if blocks["validation"] is not None else None
     train_seconds = time.time() - started
     model, saved = save_fine_tuned(trainer, tokenizer, output_dir, merge=cfg.adapter.merge)
@@ -85,7 +86,8 @@ def run(cfg: DictConfig) -> dict:
         "corpus": cfg.data.name,
         "train_budget": budget,
         "parameters": parameters,
-        "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss},
+        "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
+                  "skipped_nonfinite_steps": skipped_steps},
         "saved": saved,
     }
     if validation is not None:

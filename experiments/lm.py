@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> dict:
         "test_loss": test["test_loss"],
         "test_perplexity": math.exp(test["test_loss"]),
         "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
+                  "skipped_nonfinite_steps": trainer.divergence_guard.skipped_steps,
                   "best_checkpoint": trainer.state.best_model_checkpoint, "resumed_from": resume_from},
         "seconds": {"train_and_eval": train_seconds, "total": time.time() - started},
     }

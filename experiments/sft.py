@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> dict:
         "mean_output_chars": sum(len(o["output"]) for o in outputs) / len(outputs),
         "data": {**data_stats, "pad_rows_added": added_rows, "tokenize_jointly": cfg.sft.tokenize_jointly},
         "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
+                  "skipped_nonfinite_steps": trainer.divergence_guard.skipped_steps,
                   "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
                   "world_size": trainer.args.world_size},
     }

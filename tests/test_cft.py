@@ -72,8 +72,8 @@ def test_reference_recipe_in_the_configs(compose_cfg):
     assert lora.icl.ice_num == 8
 
     full = compose_cfg("experiment=cft_full")
-    assert full.adapter.name == "none" and full.trainer.fsdp == "full_shard auto_wrap"
-    assert full.trainer.fsdp_layer_class == "LlamaDecoderLayer" and full.trainer.per_device_train_batch_size == 4
+    assert full.adapter.name == "none" and full.trainer.fsdp is True and full.trainer.mixed_precision == "bf16"
+    assert full.trainer.fsdp_config.version == 2 and full.trainer.per_device_train_batch_size == 4
     assert full.trainer.global_batch_size == 16 and full.trainer.learning_rate == 2e-5 and full.seed == 100
     for name, path in (("llama2_7b", "meta-llama/Llama-2-7b-hf"), ("llama2_13b", "meta-llama/Llama-2-13b-hf")):
         model = compose_cfg("experiment=cft_lora", f"model={name}").model
@@ -157,7 +157,7 @@ def test_adapter_on_another_base_model_is_refused(compose_cfg, tmp_path):
 def test_fsdp_without_gpus_is_refused_before_loading_anything(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = compose_cfg("experiment=cft_full", f"paths.output_dir={tmp_path}", f"paths.results_dir={tmp_path}/results")
-    with pytest.raises(ValueError, match="trainer.fsdp='full_shard auto_wrap' needs CUDA GPUs"):
+    with pytest.raises(ValueError, match="trainer.fsdp=true needs CUDA GPUs"):
         run(cfg)  # llama7b is not available offline: the FSDP check comes first
 
 

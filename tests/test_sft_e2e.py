@@ -38,7 +38,7 @@ def test_sft_tiny_trains_generates_judges_and_tabulates(compose_cfg, tmp_path, d
     assert metrics["win_rate"] == 0.0 and metrics["unparseable"] == 0
     assert metrics["model"] == "tiny_llama" and metrics["objective"] == "mle"
     assert metrics["train"] == {"global_step": 4, "gradient_accumulation_steps": 2, "world_size": 1,
-                                "train_loss": metrics["train"]["train_loss"]}
+                                "skipped_nonfinite_steps": 0, "train_loss": metrics["train"]["train_loss"]}
     assert metrics["data"]["pad_rows_added"] == 1 and metrics["data"]["records"] == 32
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["config"]["judge"]["kind"] == "fake"
@@ -65,7 +65,7 @@ def test_sft_alpaca_composes_the_reference_recipe():
     assert batch == (3, 4, 128)
     assert (trainer["learning_rate"], trainer["weight_decay"], trainer["warmup_steps"]) == (2e-5, 0.0, 0.03)
     assert trainer["lr_scheduler_type"] == "cosine" and trainer["mixed_precision"] == "bf16"
-    assert trainer["fsdp"] == "full_shard auto_wrap" and trainer["fsdp_layer_class"] == "LlamaDecoderLayer"
+    assert trainer["fsdp"] is True and trainer["fsdp_config"]["version"] == 2
     assert cfg["sft"]["model_max_length"] == 512 and cfg["sft"]["tokenize_jointly"] is False
     assert cfg["instructions"]["path"] == "vicgalle/alpaca-gpt4"
     assert cfg["eval_instructions"]["path"] == "tatsu-lab/alpaca_eval"

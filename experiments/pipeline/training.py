@@ -16,7 +16,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from emo import get_objective
-from emo.training import ObjectiveLoss, ObjectiveTrainer
+from emo.training import ObjectiveLoss, ObjectiveTrainer, ObjectiveTrainingArguments
 from experiments.pipeline.models import build_cost_embedding
 
 log = logging.getLogger(__name__)
@@ -42,21 +42,23 @@ def world_size() -> int:
 
 
 def fsdp_options(options: dict) -> dict:
-    """Turn `fsdp` + `fsdp_layer_class` into TrainingArguments' `fsdp`/`fsdp_config`; refuse FSDP without GPUs.
+    """TrainingArguments' `fsdp`/`fsdp_config` from `trainer.fsdp` (a switch) and `trainer.fsdp_config` (FSDP2 options:
+    null values are left to transformers, e.g. the layer class to wrap defaults to the model's `_no_split_modules`, its
+    decoder layer); refuse FSDP without GPUs.
 
     accelerate silently trains with DDP when FSDP is asked for on CPU, so that request is an error here.
     """
-    fsdp = options.pop("fsdp", None) or ""
-    layer_class = options.pop("fsdp_layer_class", None)
-    if not fsdp:
+    enabled = options.pop("fsdp", False)
+    config = {key: value for key, value in (options.pop("fsdp_config", None) or {}).items() if value is not None}
+    if not isinstance(enabled, bool):
+        raise ValueError(f"trainer.fsdp is true or false, got {enabled!r}: sharding options go in trainer.fsdp_config "
+                         "(FSDP2: reshard_after_forward, activation_checkpointing, transformer_layer_cls_to_wrap)")
+    if not enabled:
         return {}
     if not torch.cuda.is_available():
-        raise ValueError(f"trainer.fsdp={fsdp!r} needs CUDA GPUs (accelerate would silently fall back to DDP on CPU); "
-                         "set trainer.fsdp='' to train without FSDP.")
-    config = dict(options.pop("fsdp_config", None) or {})
-    if layer_class:
-        config["transformer_layer_cls_to_wrap"] = [layer_class] if isinstance(layer_class, str) else list(layer_class)
-    return {"fsdp": fsdp, "fsdp_config": config}
+        raise ValueError("trainer.fsdp=true needs CUDA GPUs (accelerate would silently fall back to DDP on CPU); "
+                         "set trainer.fsdp=false to train without FSDP.")
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def accumulation_for_global_batch(global_batch_size: int | None, per_device: int, default: int) -> int:
@@ -74,26 +76,28 @@ def accumulation_for_global_batch(global_batch_size: int | None, per_device: int
 
 
 def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: list[str], seed: int,
-                       run_name: str) -> transformers.TrainingArguments:
-    """TrainingArguments from a `conf/trainer/*.yaml` node.
+                       run_name: str) -> ObjectiveTrainingArguments:
+    """`ObjectiveTrainingArguments` (TrainingArguments + the divergence guard's `on_nonfinite`) from a
+    `conf/trainer/*.yaml` node.
 
-    Every key is a TrainingArguments field except `mixed_precision` (auto/bf16/fp16/no), `fsdp_layer_class` (the
-    decoder-layer class FSDP wraps) and `global_batch_size` (kept across GPU counts via gradient accumulation).
+    Every key is one of their fields except `mixed_precision` (auto/bf16/fp16/no) and `global_batch_size` (kept across
+    GPU counts via gradient accumulation); `fsdp` is a switch whose options are `fsdp_config` (`fsdp_options`).
     """
     options = OmegaConf.to_container(trainer_cfg, resolve=True)
+    sharding = fsdp_options(options)
     precision = precision_flags(options.pop("mixed_precision"))
     options["gradient_accumulation_steps"] = accumulation_for_global_batch(
         options.pop("global_batch_size", None), options["per_device_train_batch_size"],
         options.get("gradient_accumulation_steps", 1))
-    sharding = fsdp_options(options)
     check_training_argument_names(options)
-    return transformers.TrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
-                                          run_name=run_name, **options, **precision, **sharding)
+    return ObjectiveTrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
+                                      run_name=run_name, **options, **precision, **sharding)
 
 
 def check_training_argument_names(options: dict) -> None:
-    """Raise a ValueError naming every trainer config key that this transformers' TrainingArguments lacks."""
-    known = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    """Raise a ValueError naming every trainer config key that ObjectiveTrainingArguments (this transformers'
+    TrainingArguments + `on_nonfinite`) lacks."""
+    known = {f.name for f in dataclasses.fields(ObjectiveTrainingArguments)}
     unknown = sorted(set(options) - known)
     if unknown:
         hint = (" transformers 5 removed warmup_ratio: use warmup_steps: 0.03 (a float < 1 is a fraction of the "
