@@ -15,7 +15,9 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-# `${coalesce:a,b}`: the first argument that is not null (conf/config.yaml: run dir = run_id, else a time stamp).
+import experiments.pipeline.distributed  # noqa: F401  registers ${launch_name:} (conf/config.yaml: run/sweep dirs)
+
+# `${coalesce:a,b}`: the first argument that is not null (conf/config.yaml: run dir = run_id, else the launch name).
 OmegaConf.register_new_resolver("coalesce", lambda *values: next((v for v in values if v is not None), None),
                                 replace=True)
 

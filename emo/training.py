@@ -11,7 +11,10 @@ or skips that update, per ``ObjectiveTrainingArguments.on_nonfinite``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -294,3 +297,34 @@ class ObjectiveTrainer(Trainer):
     def _loss_for_mode(self, outputs, labels, num_items_in_batch=None):
         objective = None if self.model.training else "mle"
         return self.objective_loss(outputs, labels, num_items_in_batch, objective=objective)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """``Trainer._save_rng_state``, then a barrier: every process's files of the checkpoint are on disk before the
+        main process writes its ``trainer_state.json``, the file that completes it (``last_checkpoint``)."""
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
+
+
+def last_checkpoint(folder: Union[str, os.PathLike]) -> Optional[str]:
+    """The newest complete ``checkpoint-<step>`` directory in ``folder``, or None.
+
+    ``transformers.trainer_utils.get_last_checkpoint`` returns the highest-numbered directory whatever its state, so a
+    save killed half-way would be resumed from. The Trainer writes a checkpoint's ``trainer_state.json`` last, and only
+    then removes older checkpoints (``ObjectiveTrainer``: after every process wrote its files): a checkpoint counts
+    once that file reads back, and a killed save never becomes the last checkpoint.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = {}
+    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if Path(folder).is_dir() else ():
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and path.is_dir():
+            steps[int(step)] = path
+    for step in sorted(steps, reverse=True):
+        try:
+            json.loads((steps[step] / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)", steps[step])
+            continue
+        return str(steps[step])
+    return None

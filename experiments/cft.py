@@ -30,15 +30,19 @@ from experiments.pipeline.models import load_causal_lm, load_tokenizer
 from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker
 from experiments.pipeline.train_budget import budget_blocks
-from experiments.pipeline.training import objective_loss, resume_checkpoint, training_arguments, world_size
+from experiments.pipeline.training import objective_loss, train_run, training_arguments, world_size
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """Fine-tune `cfg.model` on `cfg.data` with `cfg.objective`, then evaluate ICL; returns the metrics written."""
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.objective`, then evaluate ICL; returns the metrics written (those
+    recorded, for a run already complete; an empty dict on the non-zero ranks of a multi-process run)."""
     started = time.time()
-    output_dir, run_id = start_run(cfg, cfg.model.name, cfg.objective.label, cfg.adapter.name)
+    opened = start_run(cfg, cfg.model.name, cfg.objective.label, cfg.adapter.name)
+    if opened.complete:
+        return opened.recorded
+    output_dir, run_id = opened.output_dir, opened.run_id
     icl_cfg = OmegaConf.to_container(cfg.icl, resolve=True) if cfg.cft.evaluate else None
     if icl_cfg is not None:
         from experiments.pipeline.icl import task_names
@@ -46,21 +50,21 @@ def run(cfg: DictConfig) -> dict:
         task_names(icl_cfg)
     tracker = make_tracker(cfg.tracker, run_name=run_id, config=OmegaConf.to_container(cfg, resolve=True),
                            directory=output_dir)
-    checkpoints = output_dir / "checkpoints"
-    args = training_arguments(cfg.trainer, output_dir=checkpoints, report_to=tracker.report_to, seed=cfg.seed,
+    args = training_arguments(cfg.trainer, output_dir=opened.checkpoints, report_to=tracker.report_to, seed=cfg.seed,
                               run_name=run_id)
     transformers.set_seed(cfg.seed)
 
-    texts = load_text_splits(cfg.data)
-    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+    with args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others then read them
+        texts = load_text_splits(cfg.data)
+        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+        blocks = {"train": None, "validation": None}
+        blocks["train"], budget = budget_blocks(texts["train"], tokenizer, cfg.cft.train_budget,
+                                                block_size=cfg.data.block_size, batch_texts=cfg.data.pack_batch_texts)
+        if cfg.cft.validation_perplexity:
+            blocks["validation"] = pack_blocks(texts["validation"], tokenizer, cfg.data.block_size,
+                                               cfg.data.pack_batch_texts,
+                                               max_blocks=(cfg.data.max_blocks or {}).get("validation"))
     model = load_causal_lm(cfg.model, tokenizer)
-    blocks = {"train": None, "validation": None}
-    blocks["train"], budget = budget_blocks(texts["train"], tokenizer, cfg.cft.train_budget,
-                                            block_size=cfg.data.block_size, batch_texts=cfg.data.pack_batch_texts)
-    if cfg.cft.validation_perplexity:
-        blocks["validation"] = pack_blocks(texts["validation"], tokenizer, cfg.data.block_size,
-                                           cfg.data.pack_batch_texts,
-                                           max_blocks=(cfg.data.max_blocks or {}).get("validation"))
 
     loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device,
                           fsdp=bool(args.fsdp))
@@ -68,8 +72,7 @@ def run(cfg: DictConfig) -> dict:
     parameters = parameter_counts(model)
     trainer = ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=blocks["train"],
                                eval_dataset=blocks["validation"], data_collator=transformers.default_data_collator)
-    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(checkpoints))
-    skipped_steps = trainer.divergence_guard.skipped_steps
+    trained = train_run(trainer, opened.checkpoints)
     validation = trainer.evaluate() if blocks["validation"] is not None else None
     train_seconds = time.time() - started
     model, saved = save_fine_tuned(trainer, tokenizer, output_dir, merge=cfg.adapter.merge)
@@ -86,8 +89,7 @@ def run(cfg: DictConfig) -> dict:
         "corpus": cfg.data.name,
         "train_budget": budget,
         "parameters": parameters,
-        "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
-                  "skipped_nonfinite_steps": skipped_steps},
+        "train": trained,
         "saved": saved,
     }
     if validation is not None:
@@ -111,8 +113,8 @@ def run(cfg: DictConfig) -> dict:
                         jsonl={"predictions.jsonl": predictions} if predictions else None)
     summary = ", ".join(f"{n} {a:.3f}" for n, a in metrics.get("accuracy", {}).items()) or "not evaluated"
     log.info("%s + %s (%s): %d blocks, train loss %.4f; ICL %s -> %s", cfg.model.name, cfg.objective.label,
-             cfg.adapter.name, budget["blocks"], train_output.training_loss, summary, run_dir)
-    scalars = {"train_loss": train_output.training_loss}
+             cfg.adapter.name, budget["blocks"], trained["train_loss"], summary, run_dir)
+    scalars = {"train_loss": trained["train_loss"]}
     scalars |= {f"icl/{n}": a for n, a in metrics.get("accuracy", {}).items()}
     for key, name in (("mean_accuracy", "icl/mean"), ("eval_perplexity", "eval_perplexity")):
         if key in metrics:

@@ -20,6 +20,7 @@ from pathlib import Path
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.pipeline.distributed import is_main_process
 from experiments.pipeline.icl import evaluate_icl, load_task, openicl_reference, task_names
 from experiments.pipeline.models import load_model_for_eval, load_tokenizer
 from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, sha256_texts, start_run, write_run
@@ -29,13 +30,18 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """Evaluate `cfg.model` (plus `cfg.icl.adapter`) on `cfg.icl.tasks`; returns the metrics written to metrics.json."""
+    """Evaluate `cfg.model` (plus `cfg.icl.adapter`) on `cfg.icl.tasks`; returns the metrics written to metrics.json
+    (those recorded, for a run already complete). Under a multi-process launch rank 0 evaluates alone, the other
+    ranks return an empty dict."""
     started = time.time()
     icl_cfg = OmegaConf.to_container(cfg.icl, resolve=True)
     names = task_names(icl_cfg)  # unknown tasks fail before the model loads
     transformers.set_seed(cfg.seed)
     objective = cfg.icl.get("objective") or "base"
-    output_dir, run_id = start_run(cfg, cfg.model.name, objective, "icl")
+    opened = start_run(cfg, cfg.model.name, objective, "icl")
+    if opened.complete or not is_main_process():
+        return opened.recorded or {}
+    output_dir, run_id = opened.output_dir, opened.run_id
 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
     model, source = load_model_for_eval(OmegaConf.to_container(cfg.model, resolve=True), tokenizer,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from experiments.pipeline.distributed import is_main_process
 from experiments.pipeline.judging import judge_outputs, load_outputs, match_outputs
 from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, sha256_texts, start_run, write_run
 
@@ -25,7 +26,9 @@ def _percent(value: float | None) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Judge one model's outputs against reference outputs; returns the metrics written to metrics.json."""
+    """Judge one model's outputs against reference outputs; returns the metrics written to metrics.json (those
+    recorded, for a run already complete). Under a multi-process launch rank 0 judges alone, the other ranks return
+    an empty dict."""
     started = time.time()
     pairwise = cfg.pairwise
     model_path, reference_path = Path(pairwise.model_outputs), Path(pairwise.reference_outputs)
@@ -35,8 +38,11 @@ def run(cfg: DictConfig) -> dict:
         kept = {(p.instruction, p.input) for p in pairs[:pairwise.max_instructions]}
         model_outputs = [r for r in model_outputs if (r["instruction"], r.get("input") or "") in kept]
         reference_outputs = [r for r in reference_outputs if (r["instruction"], r.get("input") or "") in kept]
-    _, run_id = start_run(cfg, pairs[0].generator if pairs else "model", "vs",
-                          pairs[0].reference_generator if pairs else "reference", cfg.judge.name)
+    opened = start_run(cfg, pairs[0].generator if pairs else "model", "vs",
+                       pairs[0].reference_generator if pairs else "reference", cfg.judge.name)
+    if opened.complete or not is_main_process():
+        return opened.recorded or {}
+    run_id = opened.run_id
 
     judgements, judged = judge_outputs(model_outputs, reference_outputs, judge_cfg=cfg.judge,
                                        cache_dir=cfg.paths.cache_dir, show_progress=True)

@@ -25,39 +25,43 @@ from experiments.pipeline.models import load_causal_lm, load_tokenizer
 from experiments.pipeline.oracle import oracle_metrics
 from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
-from experiments.pipeline.training import build_trainer, resume_checkpoint
+from experiments.pipeline.training import build_trainer, train_run, training_arguments
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one Track-1 job described by the composed config; returns the metrics written to metrics.json."""
+    """Run one Track-1 job described by the composed config; returns the metrics written to metrics.json (those
+    recorded, for a run already complete; an empty dict on the non-zero ranks of a multi-process run)."""
     started = time.time()
-    output_dir, run_id = start_run(cfg, cfg.data.name, cfg.objective.name, cfg.model.name)
+    opened = start_run(cfg, cfg.data.name, cfg.objective.name, cfg.model.name)
+    if opened.complete:
+        return opened.recorded
+    output_dir, run_id = opened.output_dir, opened.run_id
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracker = make_tracker(cfg.tracker, run_name=run_id, config=resolved, directory=output_dir)
+    args = training_arguments(cfg.trainer, output_dir=opened.checkpoints, report_to=tracker.report_to, seed=cfg.seed,
+                              run_name=run_id)
     transformers.set_seed(cfg.seed)
 
-    texts = load_text_splits(cfg.data)  # first: data=oracle also writes the tokenizer the model config points at
-    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+    with args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others then read them
+        texts = load_text_splits(cfg.data)  # first: data=oracle also writes the tokenizer the model config names
+        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+        max_blocks = cfg.data.max_blocks or {}
+        blocks = {split: pack_blocks(texts[split], tokenizer, cfg.data.block_size, cfg.data.pack_batch_texts,
+                                     max_blocks=max_blocks.get(split))
+                  for split in texts}
     model = load_causal_lm(cfg.model, tokenizer)
-    max_blocks = cfg.data.max_blocks or {}
-    blocks = {split: pack_blocks(texts[split], tokenizer, cfg.data.block_size, cfg.data.pack_batch_texts,
-                                 max_blocks=max_blocks.get(split))
-              for split in texts}
     prompts = prompts_from_config(texts["test"]["text"], cfg.get("prompts"), corpus=cfg.data.name)
     log.info("%s: %s blocks, %d prompts", cfg.data.name, {s: len(b) for s, b in blocks.items()}, len(prompts))
 
-    tracker = make_tracker(cfg.tracker, run_name=run_id, config=resolved, directory=output_dir)
-    checkpoints = output_dir / "checkpoints"
-    trainer = build_trainer(cfg, model, output_dir=checkpoints, run_name=run_id, report_to=tracker.report_to,
-                            train_dataset=blocks["train"], eval_dataset=blocks["validation"])
-    resume_from = resume_checkpoint(checkpoints)
-    if resume_from:
-        log.info("Resuming training from %s", resume_from)
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    trainer = build_trainer(cfg, model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"])
+    trained = train_run(trainer, opened.checkpoints)
     validation = trainer.evaluate()
     test = trainer.evaluate(eval_dataset=blocks["test"], metric_key_prefix="test")
     train_seconds = time.time() - started
+    if not trainer.is_world_process_zero():  # the other ranks only train and evaluate
+        return {}
 
     model = trainer.model
     max_new_tokens = continuation_token_budget(tokenizer, prompts, quantile=cfg.generation.budget_quantile,
@@ -99,9 +103,7 @@ def run(cfg: DictConfig) -> dict:
         "eval_perplexity": math.exp(validation["eval_loss"]),
         "test_loss": test["test_loss"],
         "test_perplexity": math.exp(test["test_loss"]),
-        "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
-                  "skipped_nonfinite_steps": trainer.divergence_guard.skipped_steps,
-                  "best_checkpoint": trainer.state.best_model_checkpoint, "resumed_from": resume_from},
+        "train": {**trained, "best_checkpoint": trainer.state.best_model_checkpoint},
         "seconds": {"train_and_eval": train_seconds, "total": time.time() - started},
     }
     if cfg.data.source == "oracle":

@@ -10,7 +10,6 @@ model saved (gathered under FSDP) -> responses in AlpacaEval's format -> pairwis
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -26,37 +25,40 @@ from experiments.pipeline.judging import judge_outputs
 from experiments.pipeline.models import load_causal_lm
 from experiments.pipeline.records import build_manifest, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
-from experiments.pipeline.training import build_trainer, resume_checkpoint
+from experiments.pipeline.training import build_trainer, train_run, training_arguments
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one Track-3 job described by the composed config; returns the metrics written to metrics.json (an empty
-    dict on the non-zero ranks of a multi-process run, which only train)."""
+    """Run one Track-3 job described by the composed config; returns the metrics written to metrics.json (those
+    recorded, for a run already complete; an empty dict on the non-zero ranks of a multi-process run, which only
+    train)."""
     started = time.time()
-    output_dir, run_id = start_run(cfg, cfg.instructions.name, cfg.objective.label, cfg.model.name)
+    opened = start_run(cfg, cfg.instructions.name, cfg.objective.label, cfg.model.name)
+    if opened.complete:
+        return opened.recorded
+    output_dir, run_id = opened.output_dir, opened.run_id
+    judge = build_judge(cfg.judge) if cfg.get("judge") else None  # a missing API key fails now, not after training
+    tracker = make_tracker(cfg.tracker, run_name=run_id, config=OmegaConf.to_container(cfg, resolve=True),
+                           directory=output_dir)
+    args = training_arguments(cfg.trainer, output_dir=opened.checkpoints, report_to=tracker.report_to, seed=cfg.seed,
+                              run_name=run_id)
     transformers.set_seed(cfg.seed)
 
-    records = load_instruction_records(cfg.instructions)
-    eval_records = load_instruction_records(cfg.eval_instructions, require_output=False)
-    judge = references = None
-    if cfg.get("judge"):  # checked before training: a missing API key or reference answer fails now, not later
-        judge = build_judge(cfg.judge)
-        references = reference_outputs(eval_records, cfg.eval_instructions.reference_generator)
+    with args.main_process_first(desc="data preparation"):  # rank 0 fills the datasets cache, the others read it
+        records = load_instruction_records(cfg.instructions)
+        eval_records = load_instruction_records(cfg.eval_instructions, require_output=False)
+    references = reference_outputs(eval_records, cfg.eval_instructions.reference_generator) if judge else None
     tokenizer = load_sft_tokenizer(cfg.model, model_max_length=cfg.sft.model_max_length)
     model = load_causal_lm(cfg.model, tokenizer)
     added_rows = add_pad_token(tokenizer, model, cfg.sft.pad_token)
     train_set, data_stats = build_sft_dataset(tokenizer, records, max_length=cfg.sft.model_max_length,
                                               tokenize_jointly=cfg.sft.tokenize_jointly)
 
-    main_process = int(os.environ.get("RANK", "0")) == 0  # one tracker run per job, not one per torchrun rank
-    tracker = make_tracker(cfg.tracker if main_process else {"name": "none"}, run_name=run_id,
-                           config=OmegaConf.to_container(cfg, resolve=True), directory=output_dir)
-    checkpoints = output_dir / "checkpoints"
-    trainer = build_trainer(cfg, model, output_dir=checkpoints, run_name=run_id, report_to=tracker.report_to,
-                            train_dataset=train_set, data_collator=SupervisedCollator(tokenizer.pad_token_id))
-    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(checkpoints))
+    trainer = build_trainer(cfg, model, args=args, train_dataset=train_set,
+                            data_collator=SupervisedCollator(tokenizer.pad_token_id))
+    trained = train_run(trainer, opened.checkpoints)
     final_dir = output_dir / "final_model"
     if cfg.sft.save_model or trainer.is_fsdp_enabled:
         trainer.save_model(str(final_dir))  # under FSDP: the full state dict, gathered on rank 0
@@ -83,9 +85,7 @@ def run(cfg: DictConfig) -> dict:
         "num_instructions": len(outputs),
         "mean_output_chars": sum(len(o["output"]) for o in outputs) / len(outputs),
         "data": {**data_stats, "pad_rows_added": added_rows, "tokenize_jointly": cfg.sft.tokenize_jointly},
-        "train": {"global_step": train_output.global_step, "train_loss": train_output.training_loss,
-                  "skipped_nonfinite_steps": trainer.divergence_guard.skipped_steps,
-                  "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "train": {**trained, "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
                   "world_size": trainer.args.world_size},
     }
     json_files = {"model_outputs.json": outputs}

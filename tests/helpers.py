@@ -1,10 +1,14 @@
 """Helpers shared by the test modules (tests never import from each other): tiny models, a padded dataset, one
-short Trainer run, and the published ``EMOLoss==0.0.3`` reference."""
+short Trainer run, the published ``EMOLoss==0.0.3`` reference, and ``run.py`` in a subprocess (with a recipe that
+only opens its run)."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -12,7 +16,10 @@ import pytest
 import torch
 
 VOCAB = 64
-REFERENCE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "reference"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT / ".cache" / "reference"
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+OPENED_RUN = "opened run: "
 REFERENCE_WHEEL = "EMOLoss-0.0.3-py3-none-any.whl"
 
 
@@ -128,3 +135,43 @@ def _reference_wheel() -> Path:
             pytrace=False,
         )
     return wheel
+
+
+def run_env(root: Path) -> dict:
+    """Environment for ``run.py`` subprocesses: offline, one thread, results/logs/caches under ``root``."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+            "EMO_RESULTS_DIR": str(root / "results"), "EMO_LOG_DIR": str(root / "logs"),
+            "EMO_CACHE_DIR": str(root / "cache")}
+
+
+def run_py(*overrides: str, root: Path, launcher=(sys.executable,), timeout: float = 600
+           ) -> subprocess.CompletedProcess:
+    """``run.py <overrides>`` from the repository root, started by ``launcher`` (e.g. ``TORCHRUN + ("--nproc_per_node",
+    "2")``) in ``run_env(root)``, to its end; stdout and stderr are merged into ``.stdout``."""
+    return subprocess.run([*launcher, "run.py", *overrides], cwd=REPO_ROOT, env=run_env(root), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def start_run_py(*overrides: str, root: Path, log: Path) -> subprocess.Popen:
+    """``run.py <overrides>`` started in the background (as ``run_py``), its output going to the file ``log``."""
+    with open(log, "w") as output:
+        return subprocess.Popen([sys.executable, "run.py", *overrides], cwd=REPO_ROOT, env=run_env(root),
+                                stdout=output, stderr=subprocess.STDOUT, text=True)
+
+
+def open_run_only(cfg) -> dict:
+    """A recipe (``recipe=tests.helpers:open_run_only``) that opens its run, prints ``opened run: {run_id, output_dir,
+    rank}`` and, with ``+hold_seconds=<s>``, keeps it open that long; it trains nothing."""
+    from experiments.pipeline.distributed import process_rank
+    from experiments.pipeline.records import start_run
+
+    opened = start_run(cfg, "probe")
+    print(OPENED_RUN + json.dumps({"run_id": opened.run_id, "output_dir": str(opened.output_dir.resolve()),
+                                   "rank": process_rank()}), flush=True)
+    time.sleep(cfg.get("hold_seconds", 0))
+    return {}
+
+
+def opened_runs(output: str) -> list[dict]:
+    """What each ``open_run_only`` job printed in ``output``."""
+    return [json.loads(line.split(OPENED_RUN, 1)[1]) for line in output.splitlines() if OPENED_RUN in line]

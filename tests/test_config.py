@@ -1,5 +1,6 @@
 """Every config group option and experiment composes and resolves; bad overrides fail with Hydra's message."""
 
+import re
 import subprocess
 import sys
 from itertools import product
@@ -96,12 +97,12 @@ def test_config_groups_with_variants_have_a_base():
 
 
 def test_run_id_gives_a_stable_run_dir(compose_cfg):
-    import run  # noqa: F401  (registers the `coalesce` resolver run.py's Hydra config uses)
+    import run  # noqa: F401  (registers the `coalesce` and `launch_name` resolvers run.py's Hydra config uses)
 
     named = compose_cfg("run_id=my-run", "paths.log_dir=/logs", return_hydra_config=True)
     assert OmegaConf.select(named, "hydra.run.dir") == "/logs/default/runs/my-run"
     stamped = OmegaConf.select(compose_cfg("paths.log_dir=/logs", return_hydra_config=True), "hydra.run.dir")
-    assert stamped.startswith("/logs/default/runs/20") and len(stamped) == len("/logs/default/runs/") + 19
+    assert re.fullmatch(r"/logs/default/runs/20\d{6}T\d{6}Z_[0-9a-f]{6}", stamped)  # distributed.launch_name
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))

@@ -38,7 +38,8 @@ def test_sft_tiny_trains_generates_judges_and_tabulates(compose_cfg, tmp_path, d
     assert metrics["win_rate"] == 0.0 and metrics["unparseable"] == 0
     assert metrics["model"] == "tiny_llama" and metrics["objective"] == "mle"
     assert metrics["train"] == {"global_step": 4, "gradient_accumulation_steps": 2, "world_size": 1,
-                                "skipped_nonfinite_steps": 0, "train_loss": metrics["train"]["train_loss"]}
+                                "skipped_nonfinite_steps": 0, "resumed_from": None,
+                                "train_loss": metrics["train"]["train_loss"]}
     assert metrics["data"]["pad_rows_added"] == 1 and metrics["data"]["records"] == 32
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["config"]["judge"]["kind"] == "fake"

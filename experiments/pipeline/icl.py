@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ class TopkRetriever:
         log.info("embedded %d %s in %.1f s", len(texts), what, time.time() - started)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{time.time_ns()}.tmp.npy")
+            tmp = path.with_suffix(f".{os.getpid()}.{time.time_ns()}.tmp.npy")  # unique per process: no shared tmp
             np.save(tmp, embeddings)
             tmp.replace(path)
         return embeddings

@@ -1,40 +1,52 @@
 """Run records: `results/<experiment>/<run-id>/{metrics,manifest}.json` plus per-track JSONL files, written atomically.
 
 A run directory appears only once complete: files are written into a hidden temporary sibling, then renamed into
-place with `os.replace`, so readers (e.g. `experiments.tables`) never see half-written runs.
+place with `os.replace`, so readers (e.g. `experiments.tables`) never see half-written runs. A record is never
+overwritten: `start_run` returns the metrics of a run already recorded under the same id and setup instead of
+running it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
+from experiments.pipeline.distributed import is_main_process, launch_name
+
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
+RUN_LOCK_FILE = "run.lock"  # in a run's output dir, locked by the process running it
 TRACKED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "peft", "hydra-core", "omegaconf",
                     "mauve-text", "sentence-transformers", "scikit-learn", "faiss-cpu", "faiss-gpu", "openicl",
                     "openai", "numpy", "wandb", "emo-suite")
 SCHEMA_VERSION = 1
 SEED_KEYS = ("seed", "generation.base_seed", "metrics.kmeans_seeds")
-BOOKKEEPING_KEYS = ("run_id", "experiment_name", "recipe", "paths", "tracker", "trainer.logging_steps",
-                    "trainer.logging_first_step", "trainer.disable_tqdm", "trainer.save_total_limit",
-                    "trainer.dataloader_num_workers", "trainer.dataloader_pin_memory")
+BOOKKEEPING_KEYS = ("run_id", "launch", "rerun", "experiment_name", "recipe", "paths", "tracker",
+                    "trainer.logging_steps", "trainer.logging_first_step", "trainer.disable_tqdm",
+                    "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.dataloader_pin_memory")
 
 
-def new_run_id(*parts: str) -> str:
-    """`<UTC timestamp>_<parts...>_<6 hex>`: sortable by time, unique across concurrent runs."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return "_".join([stamp, *[str(p).replace("/", "-") for p in parts if p], uuid.uuid4().hex[:6]])
+def new_run_id(*parts: str, launch: str | None = None, job: str = "") -> str:
+    """`<UTC time stamp of the launch>_<parts...>_<6 hex of the launch and job>`: sortable by time; the same for every
+    rank of a launch given the same `job` (what identifies the run within the launch: `start_run` passes its output
+    dir and setup), different for other launches and jobs."""
+    launch = launch or launch_name()
+    tag = hashlib.sha256(f"{launch}\0{job}".encode()).hexdigest()[:6]
+    return "_".join([launch.split("_")[0], *[str(p).replace("/", "-") for p in parts if p], tag])
 
 
 def git_commit(repo_dir: str | Path | None = None) -> str:
@@ -157,18 +169,106 @@ def build_manifest(cfg, *, run_id: str, seeds: Mapping, data_fingerprint: Mappin
     }
 
 
-def start_run(cfg, *id_parts: str) -> tuple[Path, str]:
-    """Open a run: create its output dir (`cfg.paths.output_dir`), take `cfg.run_id` or a new id from `id_parts`,
-    and refuse, before any work, a run whose results record is already complete. Returns `(output_dir, run_id)`."""
+@dataclass(frozen=True)
+class Run:
+    """A run opened by `start_run`: its output dir (checkpoints under `checkpoints/`), its id, and, for a run that is
+    already recorded, its recorded metrics (`complete`: the recipe returns them without working)."""
+
+    output_dir: Path
+    run_id: str
+    recorded: dict | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when the run is already recorded: nothing is to be done."""
+        return self.recorded is not None
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the run's Trainer writes its checkpoints (and resumes from)."""
+        return self.output_dir / "checkpoints"
+
+
+def start_run(cfg, *id_parts: str) -> Run:
+    """Open a run before any work: its output dir (`cfg.paths.output_dir`) and id (`cfg.run_id`, or `new_run_id` of
+    `id_parts`, the launch, the output dir and the setup, so that every rank agrees and concurrent jobs differ).
+
+    A run already recorded under this id is not run again: with the same setup and seeds its recorded metrics come
+    back (`Run.recorded`, and a log line says so); with another, a FileExistsError names the differences. With
+    `cfg.rerun` it trains again from scratch as the new run `<run_id>_rerun_<launch>` in a sibling output dir of that
+    name (the record stays; that run id resumes it). The main process claims the output dir for its lifetime
+    (`claim_output_dir`), so a second live process for the same run fails at once.
+    """
+    results = Path(cfg.paths.results_dir) / cfg.experiment_name
     output_dir = Path(cfg.paths.output_dir)
+    job = json.dumps([str(output_dir.resolve()), run_setup(cfg, seed_keys=())], sort_keys=True, default=str)
+    run_id = cfg.run_id or new_run_id(*id_parts, launch=cfg.launch, job=job)
+    if (results / run_id).exists() and cfg.get("rerun"):
+        log.info("rerun=true: run %r of experiment %r is recorded; training it again as run %r", run_id,
+                 cfg.experiment_name, f"{run_id}_rerun_{cfg.launch}")
+        run_id = f"{run_id}_rerun_{cfg.launch}"
+        output_dir = output_dir.parent / run_id
+    elif (results / run_id).exists():
+        return Run(output_dir, run_id, recorded_metrics(results / run_id, cfg))
+    if is_main_process():
+        claim_output_dir(output_dir)
+        if (results / run_id).exists():  # recorded by a process that finished in the meantime
+            return Run(output_dir, run_id, recorded_metrics(results / run_id, cfg))
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_id = cfg.run_id or new_run_id(*id_parts)
-    require_new_run(cfg.paths.results_dir, cfg.experiment_name, run_id)
-    return output_dir, run_id
+    return Run(output_dir, run_id)
+
+
+def recorded_metrics(run_dir: Path, cfg) -> dict:
+    """The metrics of the run recorded in `run_dir`, if its manifest has `cfg`'s setup and seeds; else a
+    FileExistsError naming the keys that differ (the run id was given to another setup)."""
+    run_id, experiment = run_dir.name, run_dir.parent.name
+    manifest_path = run_dir / MANIFEST_FILE
+    advice = "Choose another run_id (or none), or set rerun=true to train this config as a new run."
+    if not manifest_path.is_file():
+        raise FileExistsError(f"Run {run_id!r} of experiment {experiment!r} is already complete ({run_dir}) but has "
+                              f"no {MANIFEST_FILE} to compare this config with. {advice}")
+    differences = setup_differences(json.loads(manifest_path.read_text()), cfg)
+    if differences:
+        raise FileExistsError(f"Run {run_id!r} of experiment {experiment!r} is already complete ({run_dir}) with "
+                              f"another setup; these keys differ: {differences}. {advice}")
+    log.info("Run %r of experiment %r is already complete (%s): not running it again, returning its recorded "
+             "metrics (rerun=true trains it again as a new run).", run_id, experiment, run_dir)
+    return json.loads((run_dir / METRICS_FILE).read_text())
+
+
+def setup_differences(manifest: Mapping, cfg) -> list[str]:
+    """The dotted config keys whose values differ between a recorded run's manifest and `cfg`: in the setup
+    (`run_setup`: everything but bookkeeping and seeds) or in the seeds (`SEED_KEYS`)."""
+    from omegaconf import OmegaConf
+
+    recorded_config, config = flatten(manifest.get("config", {})), flatten(OmegaConf.to_container(cfg, resolve=True))
+    recorded = {**manifest.get("setup", {}), **{key: recorded_config.get(key) for key in SEED_KEYS}}
+    current = {**run_setup(cfg), **{key: config.get(key) for key in SEED_KEYS}}
+    return sorted(key for key in recorded.keys() | current.keys() if recorded.get(key, ...) != current.get(key, ...))
+
+
+_claims: dict[str, FileLock] = {}  # the output dirs this process has claimed, held until it exits
+
+
+def claim_output_dir(output_dir: Path) -> None:
+    """Hold a lock on `output_dir/run.lock` until this process exits (a killed process releases it at once): a
+    second live process working in the same output dir (the same run) fails here instead of sharing checkpoints."""
+    path = output_dir / RUN_LOCK_FILE
+    if str(path) in _claims:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(f"Another process is running in {output_dir} (it holds {path}): two jobs cannot share a "
+                           "run's output dir and checkpoints. Wait for it to end, or give this run another run_id."
+                           ) from None
+    _claims[str(path)] = lock
 
 
 def require_new_run(root: str | Path, experiment: str, run_id: str) -> None:
-    """Fail before any work if `root/experiment/run_id` is already a complete run (records are never overwritten)."""
+    """Fail if `root/experiment/run_id` is already a complete run (records are never overwritten)."""
     if (Path(root) / experiment / run_id).exists():
         raise FileExistsError(f"Run {run_id!r} of experiment {experiment!r} is already complete: "
                               f"{Path(root) / experiment / run_id}. Choose another run_id (or none).")
@@ -185,8 +285,7 @@ def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mappin
     parent = Path(root) / experiment
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / run_id
-    if final.exists():
-        raise FileExistsError(f"Run directory already exists: {final}")
+    require_new_run(root, experiment, run_id)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=parent))
     try:
         documents = {METRICS_FILE: metrics, MANIFEST_FILE: manifest, **(json_files or {})}

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from experiments.pipeline.distributed import is_main_process
+
 
 class NoTracker:
     """Tracker that records nothing beyond the local result files."""
@@ -66,8 +68,9 @@ def scalar_metrics(metrics: Mapping, prefix: str = "") -> dict[str, float]:
 
 
 def make_tracker(cfg: Mapping, *, run_name: str, config: Mapping, directory: str | Path):
-    """Tracker for a `conf/tracker/*.yaml` node (`name: none | wandb`)."""
-    if cfg["name"] == "none":
+    """Tracker for a `conf/tracker/*.yaml` node (`name: none | wandb`); in a multi-process run only the main process
+    opens a tracker run (one per job, not one per rank), the others get `NoTracker`."""
+    if cfg["name"] == "none" or not is_main_process():
         return NoTracker()
     if cfg["name"] == "wandb":
         return WandbTracker(project=cfg["project"], name=run_name, config=config, directory=directory,

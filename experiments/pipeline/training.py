@@ -16,7 +16,8 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from emo import get_objective
-from emo.training import ObjectiveLoss, ObjectiveTrainer, ObjectiveTrainingArguments
+from emo.training import ObjectiveLoss, ObjectiveTrainer, ObjectiveTrainingArguments, last_checkpoint
+from experiments.pipeline.distributed import check_ranks_agree
 from experiments.pipeline.models import build_cost_embedding
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ def accumulation_for_global_batch(global_batch_size: int | None, per_device: int
     if remainder or steps < 1:
         raise ValueError(f"trainer.global_batch_size={global_batch_size} is not a multiple of "
                          f"per_device_train_batch_size={per_device} x {processes} process(es)")
-    log.info("global batch %d = %d per device x %d process(es) x %d accumulation steps", global_batch_size,
-             per_device, processes, steps)
     return steps
 
 
@@ -82,6 +81,8 @@ def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: 
 
     Every key is one of their fields except `mixed_precision` (auto/bf16/fp16/no) and `global_batch_size` (kept across
     GPU counts via gradient accumulation); `fsdp` is a switch whose options are `fsdp_config` (`fsdp_options`).
+    Starts torch.distributed in a multi-process launch, checks that every rank has the same `output_dir` and
+    `run_name` (`distributed.check_ranks_agree`) and logs the effective (global) batch.
     """
     options = OmegaConf.to_container(trainer_cfg, resolve=True)
     sharding = fsdp_options(options)
@@ -90,8 +91,13 @@ def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: 
         options.pop("global_batch_size", None), options["per_device_train_batch_size"],
         options.get("gradient_accumulation_steps", 1))
     check_training_argument_names(options)
-    return ObjectiveTrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
+    args = ObjectiveTrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
                                       run_name=run_name, **options, **precision, **sharding)
+    check_ranks_agree(output_dir=str(Path(output_dir).resolve()), run_id=run_name)
+    log.info("global batch %d = %d per device x %d process(es) x %d accumulation steps",
+             args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+             args.per_device_train_batch_size, args.world_size, args.gradient_accumulation_steps)
+    return args
 
 
 def check_training_argument_names(options: dict) -> None:
@@ -128,11 +134,16 @@ def objective_loss(objective_cfg: DictConfig, model: torch.nn.Module, *, cost_so
                          cost_embedding=cost, model=model, impl=objective_cfg.impl)
 
 
-def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, output_dir: Path, run_name: str, report_to: list[str],
-                  train_dataset, eval_dataset=None, data_collator=None) -> ObjectiveTrainer:
-    """An `ObjectiveTrainer` for `cfg.trainer`, `cfg.objective` and `cfg.model.cost_embedding`, seeded by `cfg.seed`."""
-    args = training_arguments(cfg.trainer, output_dir=output_dir, report_to=report_to, seed=cfg.seed,
-                              run_name=run_name)
+def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, train_dataset, eval_dataset=None, data_collator=None,
+                  args: ObjectiveTrainingArguments | None = None, output_dir: Path | None = None,
+                  run_name: str | None = None, report_to: list[str] | None = None) -> ObjectiveTrainer:
+    """An `ObjectiveTrainer` for `cfg.trainer`, `cfg.objective` and `cfg.model.cost_embedding`, seeded by `cfg.seed`.
+
+    `args`: the `training_arguments` built already (e.g. to prepare data under `args.main_process_first()`);
+    otherwise they are built here for `output_dir`, `run_name` and `report_to`.
+    """
+    args = args or training_arguments(cfg.trainer, output_dir=output_dir, report_to=report_to or [], seed=cfg.seed,
+                                      run_name=run_name)
     loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device,
                           fsdp=bool(args.fsdp))
     return ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=train_dataset,
@@ -141,7 +152,41 @@ def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, output_dir: Path, 
 
 
 def resume_checkpoint(output_dir: Path) -> str | None:
-    """The newest `checkpoint-*` directory under `output_dir` (a killed run resumes from it), or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete `checkpoint-*` directory under `output_dir` (`emo.training.last_checkpoint`: a save killed
+    half-way is skipped), logged as the checkpoint a killed run resumes from; None for a fresh start."""
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint:
+        log.info("Resuming training from checkpoint %s", checkpoint)
+    return checkpoint
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+class LogAtCheckpoints(transformers.TrainerCallback):
+    """Logs the training loss also at each checkpoint and at the last step (the Trainer logs every `logging_steps`
+    only), so that a checkpoint's log history accounts for every step before it, and the run's for every step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+def train_run(trainer: ObjectiveTrainer, checkpoints: Path) -> dict:
+    """Train, resuming from the newest complete checkpoint in `checkpoints` (`resume_checkpoint`), and return the
+    run's `train` record: `global_step`, `train_loss` (`mean_training_loss` over every step, so a resumed run reports
+    what an uninterrupted one does; the Trainer's own covers only the steps since the resume),
+    `skipped_nonfinite_steps` (the divergence guard's count) and `resumed_from` (the checkpoint, or None)."""
+    trainer.add_callback(LogAtCheckpoints())
+    resumed_from = resume_checkpoint(checkpoints)
+    output = trainer.train(resume_from_checkpoint=resumed_from)
+    return {"global_step": output.global_step, "train_loss": mean_training_loss(trainer.state.log_history),
+            "skipped_nonfinite_steps": trainer.divergence_guard.skipped_steps, "resumed_from": resumed_from}
+
+
+def mean_training_loss(log_history: list[dict]) -> float | None:
+    """Mean training loss per optimizer step from a Trainer's log history (each logged `loss` is the mean since the
+    previous log, weighted here by its steps); None when nothing was logged."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous if previous else None
