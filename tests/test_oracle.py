@@ -7,8 +7,8 @@ import torch
 from scipy import stats
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from experiments.pipeline.oracle import (PERIOD_ID, OracleLanguage, OracleLM, exact_metrics, make_tokenizer,
-                                         oracle_metrics, write_corpus)
+from experiments.pipeline.oracle import (PERIOD_ID, OracleLanguage, OracleLM, class_cosine, exact_metrics,
+                                         make_tokenizer, oracle_metrics, write_corpus)
 
 TINY = dict(vocab_size=16, num_states=6, sentence_length=4.0, sentences_per_document=2.0, smoothing=0.02)
 
@@ -152,3 +152,53 @@ def test_tokenizer_round_trip(oracle, tokenizer, tmp_path):
         assert ids == document.tolist() == oracle.parse(text).tolist()
         assert reloaded.decode(ids) == text
         assert reloaded.decode(ids + [reloaded.eos_token_id], skip_special_tokens=True) == text
+
+
+SHIFTS = [(0.25, 0.1), (0.5, 0.25), (1.0, 0.5)]
+
+
+def test_related_language_keeps_words_and_classes_and_shifts_probabilities():
+    """A pre-training domain: same vocabulary, word classes (emission supports) and punctuation rates; probabilities
+    shifted by a seeded draw of its own, farther from the language as the shifts grow; its own text streams."""
+    base = OracleLanguage(**TINY)
+    related = [OracleLanguage(**TINY, domain=1, emission_shift=e, transition_shift=t) for e, t in SHIFTS]
+    floor = TINY["smoothing"] / TINY["vocab_size"]
+    for shifted in related:
+        assert shifted.tokens == base.tokens
+        np.testing.assert_array_equal(shifted.word_classes, base.word_classes)
+        np.testing.assert_array_equal(shifted.emission > floor * 1.0001, base.emission > floor * 1.0001)
+        for matrix in (shifted.start[None], shifted.stationary[None], shifted.transition, shifted.emission):
+            np.testing.assert_allclose(matrix.sum(-1), 1.0, atol=1e-12)
+        np.testing.assert_array_equal(shifted.transition[:, -2:], base.transition[:, -2:])  # "." and "," rates
+        assert not np.allclose(shifted.emission, base.emission) and not np.allclose(shifted.transition,
+                                                                                     base.transition)
+    again = OracleLanguage(**TINY, domain=1, emission_shift=0.5, transition_shift=0.25)
+    np.testing.assert_array_equal(again.emission, related[1].emission)
+    other = OracleLanguage(**TINY, domain=2, emission_shift=0.5, transition_shift=0.25)
+    assert not np.allclose(other.emission, related[1].emission)
+
+    tokenizer = make_tokenizer(base)
+    distances = [exact_metrics(OracleLM(shifted), tokenizer, base, num_documents=100)["forward_kl"]
+                 for shifted in related]
+    assert 0.0 < distances[0] < distances[1] < distances[2]
+
+    unshifted = OracleLanguage(**TINY, domain=1)  # same probabilities, its own samples
+    np.testing.assert_array_equal(unshifted.emission, base.emission)
+    np.testing.assert_array_equal(unshifted.transition, base.transition)
+    assert not all(np.array_equal(x, y) for x, y in zip(unshifted.sample(5), base.sample(5)))
+    with pytest.raises(ValueError, match="domain >= 1"):
+        OracleLanguage(**TINY, emission_shift=0.5)
+    with pytest.raises(ValueError, match="transition_shift"):
+        OracleLanguage(**TINY, domain=1, transition_shift=1.5)
+
+
+def test_class_cosine_separates_class_structure_from_noise(oracle):
+    """Rows built from the word classes are closer within a class; random rows are not."""
+    features = np.concatenate([oracle.word_classes.T, np.zeros((oracle.vocab_size, 8))], 1)
+    structured = class_cosine(torch.as_tensor(features, dtype=torch.float32) + 0.1, oracle)
+    assert structured["same_class"] > structured["cross_class"] + 0.2
+    assert structured["difference"] == pytest.approx(structured["same_class"] - structured["cross_class"])
+    random = class_cosine(torch.randn(oracle.vocab_size, 64, generator=torch.Generator().manual_seed(0)), oracle)
+    assert abs(random["difference"]) < 0.01 and abs(random["same_class"]) < 0.02
+    with pytest.raises(ValueError, match="one embedding row per oracle token"):
+        class_cosine(torch.zeros(oracle.vocab_size + 3, 4), oracle)

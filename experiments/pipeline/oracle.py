@@ -21,6 +21,14 @@ tokens:
   likely successors, like parts of speech). After ``","`` comes a class; after ``"."`` a new sentence starts from
   the start distribution (also Dirichlet). Dirichlet draws are floored at 1e-12 (and renormalised).
 
+Related languages (a "pre-training domain"): ``domain`` d >= 1 with ``emission_shift`` s_e >= 0 [0] and
+``transition_shift`` 0 <= s_t <= 1 [0] keeps what defines the language's structure (vocabulary, word classes, i.e.
+which words each class can emit, Zipf prior, punctuation rates) and shifts its probabilities, with randomness of its
+own (``default_rng([seed, 1, d])``): every class's emission logits get ``s_e * N(0, 1)`` added before the temperature
+(in the units of ``noise_scale``), and every Dirichlet row (class successors, sentence start, after ``","``) becomes
+``(1 - s_t) * row + s_t * (a fresh Dirichlet(concentration) draw)``. Domain 0 is the language itself (its shifts must
+be 0); a domain d >= 1 samples its own text streams (``[seed, stream, d]``).
+
 A document (one line of a corpus file) is ``sentences_per_document`` [6] sentences on average (geometric), always
 starting at a sentence start and ending with the ``"."`` state. Because a sentence start forgets the past, any
 concatenation of documents is itself an exact sample of the stream; this is what the Track-1 pipeline trains on,
@@ -92,7 +100,8 @@ class OracleLanguage:
 
     Attributes (float64 numpy arrays; H states, V tokens): ``tokens`` (id -> string), ``start`` (state distribution
     at a sentence start, ``(H,)``), ``stationary`` (long-run state distribution of the stream, ``(H,)``),
-    ``transition`` (``(H, H)``) and ``emission`` (``(H, V)``), rows summing to 1.
+    ``transition`` (``(H, H)``) and ``emission`` (``(H, V)``), rows summing to 1; ``word_classes`` (bool,
+    ``(H - 2, V)``): which words each word class can emit (the same for every domain of a seed).
     """
 
     def __init__(
@@ -111,17 +120,28 @@ class OracleLanguage:
         smoothing: float = 1e-3,
         sentences_per_document: float = 6.0,
         max_document_length: int = 2048,
+        domain: int = 0,
+        emission_shift: float = 0.0,
+        transition_shift: float = 0.0,
     ):
         if vocab_size <= NUM_PUNCTUATION or num_states < NUM_PUNCTUATION + classes_per_word:
             raise ValueError("need vocab_size > 2 and num_states >= 2 + classes_per_word")
+        if domain < 0 or emission_shift < 0 or not 0 <= transition_shift <= 1:
+            raise ValueError(f"need domain >= 0, emission_shift >= 0 and 0 <= transition_shift <= 1; got {domain}, "
+                             f"{emission_shift}, {transition_shift}")
+        if domain == 0 and (emission_shift or transition_shift):
+            raise ValueError("emission_shift and transition_shift define a related language: give it a domain >= 1 "
+                             "(domain 0 is the unshifted language)")
         self.config = dict(
             seed=seed, vocab_size=vocab_size, num_states=num_states, zipf_exponent=zipf_exponent,
             classes_per_word=classes_per_word, noise_scale=noise_scale, temperature=temperature,
             concentration=concentration, sentence_length=sentence_length, comma_rate=comma_rate,
             smoothing=smoothing, sentences_per_document=sentences_per_document,
-            max_document_length=max_document_length,
+            max_document_length=max_document_length, domain=domain, emission_shift=emission_shift,
+            transition_shift=transition_shift,
         )
         self.seed = seed
+        self._domain_key = (domain,) if domain else ()  # a related language samples its own text streams
         self.vocab_size = vocab_size
         self.sentences_per_document = sentences_per_document
         self.max_document_length = max_document_length
@@ -133,11 +153,22 @@ class OracleLanguage:
         self.period_state, comma = classes, classes + 1
         words = vocab_size - NUM_PUNCTUATION
 
+        self.word_classes = np.zeros((classes, vocab_size), dtype=bool)
+        for w in range(NUM_PUNCTUATION, vocab_size):
+            self.word_classes[rng.choice(classes, size=classes_per_word, replace=False), w] = True
+        noise = noise_scale * rng.standard_normal((classes, words))
+        start = _dirichlet(rng, concentration, classes)
+        successors = _dirichlet(rng, concentration, classes, rows=classes)
+        after_comma = _dirichlet(rng, concentration, classes)
+        if domain:
+            shift = np.random.default_rng([seed, 1, domain])
+            noise = noise + emission_shift * shift.standard_normal((classes, words))
+            start, successors, after_comma = (
+                (1.0 - transition_shift) * row + transition_shift * _dirichlet(shift, concentration, classes, rows)
+                for row, rows in ((start, None), (successors, classes), (after_comma, None)))
+
         log_prior = -zipf_exponent * np.log(np.arange(words) + 2.7)
-        logits = np.full((classes, words), -np.inf)
-        for w in range(words):
-            logits[rng.choice(classes, size=classes_per_word, replace=False), w] = 0.0
-        logits += (log_prior + noise_scale * rng.standard_normal((classes, words))) / temperature
+        logits = np.where(self.word_classes[:, NUM_PUNCTUATION:], (log_prior + noise) / temperature, -np.inf)
         emission = np.zeros((num_states, vocab_size))
         emission[:classes, NUM_PUNCTUATION:] = (1.0 - smoothing) * _softmax(logits)
         emission[:classes] += smoothing / vocab_size
@@ -145,14 +176,12 @@ class OracleLanguage:
         self.emission = emission
 
         self.start = np.zeros(num_states)
-        self.start[:classes] = _dirichlet(rng, concentration, classes)
+        self.start[:classes] = start
         transition = np.zeros((num_states, num_states))
-        transition[:classes, :classes] = (1.0 - 1.0 / sentence_length - comma_rate) * _dirichlet(
-            rng, concentration, classes, rows=classes
-        )
+        transition[:classes, :classes] = (1.0 - 1.0 / sentence_length - comma_rate) * successors
         transition[:classes, self.period_state] = 1.0 / sentence_length
         transition[:classes, comma] = comma_rate
-        transition[comma, :classes] = _dirichlet(rng, concentration, classes)
+        transition[comma, :classes] = after_comma
         transition[self.period_state] = self.start
         self.transition = transition
         self.stationary = _stationary(transition)
@@ -165,7 +194,7 @@ class OracleLanguage:
         ends after each ``"."`` state with probability ``1 / sentences_per_document``; one still open after
         ``max_document_length`` tokens is cut there (practically never).
         """
-        rng = np.random.default_rng([self.seed, stream])
+        rng = np.random.default_rng([self.seed, stream, *self._domain_key])
         cum_transition, cum_emission = np.cumsum(self.transition, 1), np.cumsum(self.emission, 1)
         state = _draw(np.broadcast_to(np.cumsum(self.start), (num_documents, len(self.start))), rng)
         active = np.arange(num_documents)
@@ -370,6 +399,27 @@ def exact_metrics(
     metrics["perplexity"] = math.exp(metrics["cross_entropy"])
     metrics["num_tokens"] = float(count)
     return metrics
+
+
+@torch.no_grad()
+def class_cosine(embedding: torch.Tensor, oracle: OracleLanguage) -> dict[str, float]:
+    """Mean cosine similarity of word embeddings within and across the oracle's word classes.
+
+    ``embedding`` has one row per oracle token, in oracle-id order (e.g. ``lm_head.weight[oracle_token_ids(...)]``).
+    Over all pairs of distinct words (punctuation excluded): ``same_class`` averages the pairs that share a word
+    class, ``cross_class`` those that share none; ``difference`` is the first minus the second. A head that encodes
+    the language puts same-class words closer (EMO's transport cost relies on this); a random one does not.
+    """
+    if embedding.shape[0] != oracle.vocab_size:
+        raise ValueError(f"class_cosine needs one embedding row per oracle token ({oracle.vocab_size}), got "
+                         f"{embedding.shape[0]}: select them with oracle_token_ids")
+    words = torch.as_tensor(oracle.word_classes[:, NUM_PUNCTUATION:], dtype=torch.float64)
+    unit = torch.nn.functional.normalize(embedding[NUM_PUNCTUATION:].detach().double(), dim=-1)
+    cosine = unit @ unit.T
+    shared = (words.T @ words).to(cosine.device) > 0
+    pairs = torch.ones_like(shared).triu(diagonal=1)
+    same, cross = cosine[pairs & shared].mean().item(), cosine[pairs & ~shared].mean().item()
+    return {"same_class": same, "cross_class": cross, "difference": same - cross}
 
 
 def oracle_metrics(model: torch.nn.Module, tokenizer, data_cfg) -> dict[str, float]:
