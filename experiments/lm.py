@@ -1,10 +1,12 @@
 """Track 1 recipe: fine-tune a causal LM with one objective, sample test-prefix continuations, score MAUVE.
 
-Steps: load corpus and pack blocks, test prompts (`cfg.prompts`) -> build model (+ cost embedding) ->
+Steps: load corpus and pack blocks, test prompts (`cfg.prompts`) -> build model, or with `cfg.pretraining` load the
+cached student pre-trained on a related oracle language (+ cost embedding: a frozen copy of its head) ->
 `ObjectiveTrainer` (best checkpoint by validation cross-entropy; resumes from the newest checkpoint in the run's
-output dir) -> test perplexity -> `generation.num_seeds` sampling runs -> MAUVE against the gold texts (features
-computed once per text set) and diversity -> with `data=oracle`, exact distances from the oracle (`metrics.json` key
-`oracle`) -> `results/<experiment>/<run-id>/`.
+output dir; `trainer.max_steps=0` evaluates the initial model untrained) -> test perplexity ->
+`generation.num_seeds` sampling runs -> MAUVE against the gold texts (features computed once per text set) and
+diversity -> with `data=oracle`, exact distances from the oracle (`metrics.json` key `oracle`) ->
+`results/<experiment>/<run-id>/`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from experiments.pipeline.data import blocks_fingerprint, load_text_splits, pack
 from experiments.pipeline.generation import (continuation_token_budget, generation_records, prompts_from_config,
                                              sample_continuations, truncate_words)
 from experiments.pipeline.metrics import Featurizer, diversity, mauve_score, mean_std
-from experiments.pipeline.models import load_causal_lm, load_tokenizer
+from experiments.pipeline.models import load_tokenizer
 from experiments.pipeline.oracle import oracle_metrics
+from experiments.pipeline.pretraining import load_student
 from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, train_run, training_arguments
@@ -51,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
         blocks = {split: pack_blocks(texts[split], tokenizer, cfg.data.block_size, cfg.data.pack_batch_texts,
                                      max_blocks=max_blocks.get(split))
                   for split in texts}
-    model = load_causal_lm(cfg.model, tokenizer)
+    model, pretraining = load_student(cfg, tokenizer)  # with cfg.pretraining: the cached pre-trained student
     prompts = prompts_from_config(texts["test"]["text"], cfg.get("prompts"), corpus=cfg.data.name)
     log.info("%s: %s blocks, %d prompts", cfg.data.name, {s: len(b) for s, b in blocks.items()}, len(prompts))
 
@@ -106,6 +109,8 @@ def run(cfg: DictConfig) -> dict:
         "train": {**trained, "best_checkpoint": trainer.state.best_model_checkpoint},
         "seconds": {"train_and_eval": train_seconds, "total": time.time() - started},
     }
+    if pretraining:
+        metrics["pretraining"] = pretraining
     if cfg.data.source == "oracle":
         metrics["oracle"] = oracle_metrics(model, tokenizer, cfg.data)
         metrics["seconds"]["total"] = time.time() - started

@@ -144,12 +144,12 @@ def materialize_oracle(cfg: Mapping) -> dict[str, str]:
     corpus = dict(cfg["corpus"])
     key = json.dumps({"oracle": oracle.config, "corpus": corpus}, sort_keys=True)
     directory = Path(cfg["cache_dir"]) / hashlib.sha256(key.encode()).hexdigest()[:12]
-    _write_once(directory, lambda tmp: write_corpus(oracle, tmp, **corpus))
-    _write_once(Path(cfg["tokenizer"]), lambda tmp: make_tokenizer(oracle).save_pretrained(str(tmp)))
+    write_once(directory, lambda tmp: write_corpus(oracle, tmp, **corpus))
+    write_once(Path(cfg["tokenizer"]), lambda tmp: make_tokenizer(oracle).save_pretrained(str(tmp)))
     return {split: str(directory / f"{split}.txt") for split in SPLITS}
 
 
-def _write_once(directory: Path, write) -> None:
+def write_once(directory: Path, write) -> None:
     """`write(tmp_dir)` into a fresh sibling of `directory`, then rename it to `directory` (unless it appeared)."""
     if directory.is_dir():
         return

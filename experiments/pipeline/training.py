@@ -160,6 +160,17 @@ def resume_checkpoint(output_dir: Path) -> str | None:
     return checkpoint
 
 
+def train_unless_zero_steps(trainer: transformers.Trainer, resume_from: str | None = None):
+    """`trainer.train(resume_from_checkpoint=resume_from)`, except with `max_steps=0`: no training at all (the
+    initial model, e.g. a pre-trained start, is evaluated as it is; the Trainer itself reads 0 as "use the epochs").
+    Returns the `TrainOutput` (global step 0 and no training loss when nothing was trained)."""
+    from transformers.trainer_utils import TrainOutput
+
+    if trainer.args.max_steps == 0:
+        return TrainOutput(global_step=0, training_loss=None, metrics={})
+    return trainer.train(resume_from_checkpoint=resume_from)
+
+
 class LogAtCheckpoints(transformers.TrainerCallback):
     """Logs the training loss also at each checkpoint and at the last step (the Trainer logs every `logging_steps`
     only), so that a checkpoint's log history accounts for every step before it, and the run's for every step."""
@@ -176,7 +187,7 @@ def train_run(trainer: ObjectiveTrainer, checkpoints: Path) -> dict:
     `skipped_nonfinite_steps` (the divergence guard's count) and `resumed_from` (the checkpoint, or None)."""
     trainer.add_callback(LogAtCheckpoints())
     resumed_from = resume_checkpoint(checkpoints)
-    output = trainer.train(resume_from_checkpoint=resumed_from)
+    output = train_unless_zero_steps(trainer, resumed_from)
     return {"global_step": output.global_step, "train_loss": mean_training_loss(trainer.state.log_history),
             "skipped_nonfinite_steps": trainer.divergence_guard.skipped_steps, "resumed_from": resumed_from}
 
