@@ -40,7 +40,7 @@ EXPERIMENT ?= all
 tables: install
 	$(PY) -m experiments.tables --experiment $(EXPERIMENT)
 
-# ---- The demo: tiny GPT-2 students of a synthetic oracle language (offline, CPU, about 4 minutes) ----
+# ---- The demo: tiny GPT-2 students of a synthetic oracle language (offline, CPU, about 3 minutes) ----
 # A student pre-trained with MLE on a related oracle language (once, cached in .cache/pretrained) is evaluated as it is
 # (its own row: trainer.max_steps=0), then fine-tuned on the target language with each objective; exact forward/reverse
 # KL and TVD from the oracle, MAUVE (MiniLM) and distinct-n per row. DEMO_EXPERIMENT=demo_scratch: students trained
