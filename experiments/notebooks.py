@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             execute_notebook(path, args.results_dir, output_dir=output_dir, timeout=args.timeout)
         except CellExecutionError as error:
             failed.append(path.name)
-            print(f"{path.name}: a cell raised\n{error}", file=sys.stderr)
+            print(f"{path.name}: {error.ename}: {error.evalue} (traceback: {output_dir / path.name})", file=sys.stderr)
             continue
         print(f"{path.name}: executed -> {output_dir / path.name}")
     if failed:

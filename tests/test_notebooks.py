@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments.notebooks import NOTEBOOKS_DIR, REPO_ROOT, MissingResults, execute_notebook, main, runs_by_experiment
+from experiments.notebooks import NOTEBOOKS_DIR, REPO_ROOT, MissingResults, main, runs_by_experiment
 from experiments.pipeline.records import write_run
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
@@ -73,9 +73,10 @@ def test_notebook_executes_on_the_tiny_results(path, tiny_results):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PLOTTING)
-def test_notebook_without_its_runs_names_the_command(name, tmp_path):
-    from nbclient.exceptions import CellExecutionError
-
-    with pytest.raises(CellExecutionError) as raised:
-        execute_notebook(NOTEBOOKS_DIR / name, tmp_path / "empty")
-    assert raised.value.ename == "MissingResults" and "make tiny-results" in raised.value.evalue
+def test_notebook_without_its_runs_fails_naming_the_command(name, tmp_path, capsys):
+    assert main(["--results-dir", str(tmp_path), str(NOTEBOOKS_DIR / name)]) == 1
+    assert f"{name}: MissingResults: " in capsys.readouterr().err
+    executed = json.loads((tmp_path / "notebooks" / name).read_text())
+    errors = [output for cell in executed["cells"] if cell["cell_type"] == "code" for output in cell["outputs"]
+              if output["output_type"] == "error"]
+    assert [error["ename"] for error in errors] == ["MissingResults"] and "make tiny-results" in errors[0]["evalue"]
