@@ -1,6 +1,7 @@
 """torchrun and `accelerate launch` with 2 CPU processes (gloo DDP): the Track-1 tiny experiment trains with the
 losses of a 1-process run of the same global batch and writes one output dir and one record; every rank derives the
-same output dir and run id without being given one, and ranks that disagree stop with an error naming what differs."""
+same output dir and run id without being given one, and ranks that disagree stop with an error naming what differs.
+No `use_cpu` is given: a multi-process launch on CPU trains as one DDP run by default."""
 
 import json
 import sys
@@ -16,7 +17,7 @@ ACCELERATE_TWO_PROCESSES = (str(Path(sys.executable).with_name("accelerate")), "
 STEPS = 6
 LM_TINY = ("experiment=lm_tiny", "objective=emo2", "trainer.global_batch_size=8", f"trainer.max_steps={STEPS}",
            f"trainer.save_steps={STEPS}", f"trainer.eval_steps={STEPS}", "trainer.logging_steps=1",
-           "+trainer.use_cpu=true", "+trainer.ddp_find_unused_parameters=false", "generation.num_seeds=1",
+           "+trainer.ddp_find_unused_parameters=false", "generation.num_seeds=1",
            *(f"+model.from_config.{name}=0.0" for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")))
 
 
@@ -66,3 +67,11 @@ def test_ranks_that_disagree_on_the_run_stop_with_a_clear_error(tmp_path):
     assert launched.returncode != 0
     assert "The 2 processes of this run disagree on ['output_dir', 'run_id']" in launched.stdout
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_a_launch_the_trainer_would_not_join_is_refused(tmp_path):
+    launched = run_py(*LM_TINY, "+trainer.use_cpu=false", root=tmp_path, launcher=TWO_PROCESSES)
+    assert launched.returncode != 0
+    assert "2 processes were launched but the Trainer would train on 1" in launched.stdout
+    assert not list((tmp_path / "results").rglob("metrics.json"))

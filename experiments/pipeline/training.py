@@ -81,8 +81,9 @@ def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: 
 
     Every key is one of their fields except `mixed_precision` (auto/bf16/fp16/no) and `global_batch_size` (kept across
     GPU counts via gradient accumulation); `fsdp` is a switch whose options are `fsdp_config` (`fsdp_options`).
-    Starts torch.distributed in a multi-process launch, checks that every rank has the same `output_dir` and
-    `run_name` (`distributed.check_ranks_agree`) and logs the effective (global) batch.
+    Starts torch.distributed in a multi-process launch (on CPU with `use_cpu`, so the processes train as one DDP run
+    over gloo), checks that every rank has the same `output_dir` and `run_name` (`distributed.check_ranks_agree`) and
+    logs the effective (global) batch.
     """
     options = OmegaConf.to_container(trainer_cfg, resolve=True)
     sharding = fsdp_options(options)
@@ -90,9 +91,15 @@ def training_arguments(trainer_cfg: DictConfig, *, output_dir: Path, report_to: 
     options["gradient_accumulation_steps"] = accumulation_for_global_batch(
         options.pop("global_batch_size", None), options["per_device_train_batch_size"],
         options.get("gradient_accumulation_steps", 1))
+    if world_size() > 1 and not torch.cuda.is_available():
+        options.setdefault("use_cpu", True)  # else transformers trains each CPU process alone instead of DDP on gloo
     check_training_argument_names(options)
     args = ObjectiveTrainingArguments(output_dir=str(output_dir), report_to=report_to or "none", seed=seed,
                                       run_name=run_name, **options, **precision, **sharding)
+    if args.world_size != world_size():
+        raise RuntimeError(f"{world_size()} processes were launched but the Trainer would train on {args.world_size}: "
+                           "each process would train alone and write the same run. On CPU keep trainer.use_cpu "
+                           "unset (or true) in a multi-process launch.")
     check_ranks_agree(output_dir=str(Path(output_dir).resolve()), run_id=run_name)
     log.info("global batch %d = %d per device x %d process(es) x %d accumulation steps",
              args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
