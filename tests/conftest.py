@@ -57,8 +57,10 @@ def gpt2_tokenizer():
 
 @pytest.fixture
 def compose_cfg():
-    """`compose_cfg(*overrides)` -> the composed run.py config (Hydra compose API, no run)."""
+    """`compose_cfg(*overrides)` -> the composed run.py config (Hydra compose API, no run), with run.py's resolvers."""
     from hydra import compose, initialize_config_dir
+
+    import experiments.pipeline.distributed  # noqa: F401  registers ${launch_name:}, as run.py does
 
     def compose_(*overrides, return_hydra_config=False):
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO_ROOT / "conf")):
