@@ -26,11 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from emo.training import ObjectiveTrainer
 from experiments.pipeline.adapters import apply_adapter, parameter_counts, save_fine_tuned
 from experiments.pipeline.data import blocks_fingerprint, load_text_splits, pack_blocks
+from experiments.pipeline.distributed import world_size
 from experiments.pipeline.models import load_causal_lm, load_tokenizer
 from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker
 from experiments.pipeline.train_budget import budget_blocks
-from experiments.pipeline.training import objective_loss, train_run, training_arguments, world_size
+from experiments.pipeline.training import objective_loss, train_run, training_arguments
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.pipeline.records import load_runs
+from experiments.pipeline.records import atomic_file, load_runs
 from experiments.pipeline.run_groups import OBJECTIVE_ORDER, RunGroup, aggregate, group_runs, ordered
 from experiments.pipeline.table_format import Table, bold_best, row_sources, write_table
 
@@ -144,7 +144,8 @@ def plot(values: pd.DataFrame, path: Path) -> None:
             ax.set_ylim(max(0.0, low - 0.05), 1.005)
     fig.suptitle("Students of the synthetic oracle language: exact distances and MAUVE", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 

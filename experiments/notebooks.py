@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from experiments.pipeline.records import load_runs
+from experiments.pipeline.records import atomic_file, load_runs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -68,11 +68,8 @@ def execute_notebook(path: str | Path, results: str | Path, *, output_dir: str |
         client.execute(env={**os.environ, "EMO_RESULTS_DIR": str(Path(results).resolve())})
     finally:
         if output_dir is not None:
-            output_dir = Path(output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            partial = output_dir / f".{path.name}.tmp"
-            nbformat.write(notebook, partial)
-            os.replace(partial, output_dir / path.name)
+            with atomic_file(Path(output_dir) / path.name) as tmp:
+                nbformat.write(notebook, tmp)
     return notebook
 
 

@@ -9,7 +9,7 @@ import statistics
 import pandas as pd
 import pytest
 
-from experiments.pipeline import table_format
+from experiments.pipeline import records
 from experiments.pipeline.records import write_run
 from experiments.tables import main as tables_main
 
@@ -178,7 +178,7 @@ def test_table_files_are_replaced_atomically(results, monkeypatch):
     def failing_replace(source, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(table_format.os, "replace", failing_replace)
+    monkeypatch.setattr(records.os, "replace", failing_replace)  # records.atomic_file
     with pytest.raises(OSError, match="disk full"):
         tables_main(["--results-dir", str(results)])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old files intact, no temporary file left

@@ -26,6 +26,12 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size() -> int:
+    """Number of processes of this launch (`WORLD_SIZE`, set by torchrun/accelerate and run.py's SLURM export), 1
+    otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """True on the process that writes results, tables and tracker runs (global rank 0)."""
     return process_rank() == 0
@@ -43,7 +49,7 @@ def launch_name() -> str:
     multi-node launch is named after it alone. Any other process takes its own start time and a random tag.
     """
     rendezvous = os.environ.get("TORCHELASTIC_RUN_ID")
-    several_nodes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) < int(os.environ.get("WORLD_SIZE", "1"))
+    several_nodes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) < world_size()
     if rendezvous is None:
         started, tag = time.time(), uuid.uuid4().hex
     elif several_nodes and rendezvous != "none":

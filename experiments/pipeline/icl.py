@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from experiments.pipeline.records import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +244,8 @@ class TopkRetriever:
                                         show_progress_bar=self.show_progress).astype(np.float32)
         log.info("embedded %d %s in %.1f s", len(texts), what, time.time() - started)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.{time.time_ns()}.tmp.npy")  # unique per process: no shared tmp
-            np.save(tmp, embeddings)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                np.save(tmp, embeddings)
         return embeddings
 
     def retrieve(self, pool_texts: Sequence[str], query_texts: Sequence[str], k: int) -> np.ndarray:

@@ -27,9 +27,10 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.pipeline.data import load_text_splits, pack_blocks, write_once
+from experiments.pipeline.distributed import world_size
 from experiments.pipeline.models import load_causal_lm
 from experiments.pipeline.oracle import OracleLanguage, OracleLM, class_cosine, exact_metrics, oracle_token_ids
-from experiments.pipeline.training import build_trainer, world_size
+from experiments.pipeline.training import build_trainer
 
 log = logging.getLogger(__name__)
 

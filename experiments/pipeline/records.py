@@ -16,7 +16,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -301,6 +302,25 @@ def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mappin
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path` (hidden, same suffix) to write the file to; once the block ends it
+    is renamed to `path` (`os.replace`), and removed if the block raises. Readers see the old file or the new one,
+    never a part of it, and concurrent writers never share a temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_runs(root: str | Path, experiment: str | None = None) -> list[dict]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +18,7 @@ from typing import NamedTuple
 import pandas as pd
 from filelock import FileLock
 
+from experiments.pipeline.records import atomic_file
 from experiments.pipeline.run_groups import OBJECTIVE_ORDER, RunGroup, aggregate, group_runs, ordered, run_refs
 
 MISSING = "–"
@@ -128,18 +127,9 @@ def latex(cells: pd.DataFrame, caption: str) -> str:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder renamed into place: readers see the old
-    file or the new one, never a part of it; concurrent writers never share a temporary file."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` atomically (`records.atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def full_caption(table: Table) -> str:

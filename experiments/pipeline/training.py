@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from emo import get_objective
 from emo.training import ObjectiveLoss, ObjectiveTrainer, ObjectiveTrainingArguments, last_checkpoint
-from experiments.pipeline.distributed import check_ranks_agree
+from experiments.pipeline.distributed import check_ranks_agree, world_size
 from experiments.pipeline.models import build_cost_embedding
 
 log = logging.getLogger(__name__)
@@ -35,11 +34,6 @@ def precision_flags(mode: str) -> dict:
     if mode != "no" and not torch.cuda.is_available():
         raise ValueError(f"trainer.mixed_precision={mode} needs a CUDA GPU; use auto or no on CPU.")
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
-
-
-def world_size() -> int:
-    """Number of training processes (torchrun/accelerate set `WORLD_SIZE`; 1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def fsdp_options(options: dict) -> dict:
