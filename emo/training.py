@@ -157,6 +157,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _check_nonfinite_action(action: str) -> None:
+    if action not in NONFINITE_ACTIONS:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {action!r}")
+
+
 @dataclasses.dataclass
 class ObjectiveTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the divergence guard's setting, read by ``ObjectiveTrainer``.
@@ -171,8 +176,7 @@ class ObjectiveTrainingArguments(TrainingArguments):
     logging_nan_inf_filter: bool = False
 
     def __post_init__(self):
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {self.on_nonfinite!r}")
+        _check_nonfinite_action(self.on_nonfinite)
         super().__post_init__()
 
 
@@ -189,8 +193,7 @@ class DivergenceGuard(TrainerCallback, ExportableState):
     """
 
     def __init__(self, action: str = "stop", skipped_steps: int = 0):
-        if action not in NONFINITE_ACTIONS:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {action!r}")
+        _check_nonfinite_action(action)
         self.action = action
         self.skipped_steps = skipped_steps
         self._loss_nonfinite = None
