@@ -6,6 +6,7 @@ its width need not match the model's.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -16,7 +17,10 @@ class CostEmbedding:
     """A validated, row-normalised fp32 cost embedding, ready for the loss kernels.
 
     ``weight`` is any ``(vocab_size, width)`` tensor; it is detached and never receives gradient. Rows must be
-    finite and non-zero (a zero row has no direction, so its cosine to other tokens is undefined).
+    finite. An all-zero row (e.g. a padding token's row of a tied head) has no direction: its cosine to every token,
+    itself included, is defined as 0, so moving probability mass to or from that token costs 1 (the transport cost of
+    an unrelated token), and ``validate`` warns naming those rows. ``validate=False`` skips the checks (and their host
+    sync), e.g. for a live LM head re-read at every step; zero rows still get cosine 0, never NaN.
     """
 
     def __init__(self, weight: torch.Tensor, *, validate: bool = True):
@@ -26,14 +30,8 @@ class CostEmbedding:
         weight = weight.detach().float()
         norms = torch.linalg.vector_norm(weight, dim=1)
         if validate:
-            bad = (~torch.isfinite(norms)) | (norms == 0)
-            if bad.any():
-                rows = bad.nonzero().flatten()
-                raise ValueError(
-                    f"cost embedding has {rows.numel()} non-finite or all-zero row(s) (first: {rows[:8].tolist()}); "
-                    "every token needs a finite, non-zero vector"
-                )
-        self.normalized = weight / norms.unsqueeze(1)
+            _check_rows(norms)
+        self.normalized = weight / torch.where(norms > 0, norms, 1.0).unsqueeze(1)
 
     @property
     def vocab_size(self) -> int:
@@ -56,15 +54,41 @@ class CostEmbedding:
         return cls(value)
 
 
+def _check_rows(norms: torch.Tensor) -> None:
+    """Refuse non-finite rows; warn about all-zero rows (cosine 0 to every token), naming them."""
+    nonfinite = (~torch.isfinite(norms)).nonzero().flatten()
+    if nonfinite.numel():
+        raise ValueError(
+            f"cost embedding has {nonfinite.numel()} non-finite row(s) (first: {nonfinite[:8].tolist()}); every token "
+            "needs a finite vector"
+        )
+    zero = (norms == 0).nonzero().flatten()
+    if zero.numel():
+        warnings.warn(
+            f"cost embedding has {zero.numel()} all-zero row(s) (first: {zero[:8].tolist()}): those tokens get cosine 0 "
+            "to every token, i.e. transport cost 1 to and from them",
+            stacklevel=3,
+        )
+
+
+def output_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.get_output_embeddings()`` (the LM head) of a Hugging Face-style model; ``ValueError`` if it has none."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output embedding (LM head): it needs get_output_embeddings() returning a "
+            "module with a weight, as Hugging Face causal-LM models have"
+        )
+    return head
+
+
 def cost_embedding_from_model(model: torch.nn.Module) -> CostEmbedding:
     """Frozen fp32 copy of ``model``'s output embedding (LM head), the paper's default cost embedding.
 
     Build it after loading pre-trained weights (and after any tokenizer resize), never from a freshly initialised model.
     """
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(model).__name__} has no output embedding to copy as a cost embedding")
-    return CostEmbedding(head.weight.detach().clone())
+    return CostEmbedding(output_embedding(model).weight.detach().clone())
 
 
 def load_cost_embedding(source: Union[str, os.PathLike], vocab_size: Optional[int] = None) -> CostEmbedding:

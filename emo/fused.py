@@ -12,7 +12,7 @@ loss is differentiable once (``create_graph=True`` raises).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch.torch_version import TorchVersion
@@ -21,13 +21,22 @@ from emo.cost import CostEmbedding
 from emo.losses import (
     SECOND_ORDER_ERROR,
     check_reduction,
-    check_targets,
     default_chunk_size,
+    integer_labels,
     objective_chunk,
+    per_position,
+    prediction_targets,
     reduce_token_values,
     resolve_objective,
-    shift_labels,
 )
+
+
+class TokenValues(NamedTuple):
+    """Per-position outputs of ``linear_lm_loss(..., reduction="none", return_token_stats=True)``."""
+
+    values: torch.Tensor  # the objective's per-token loss (differentiable)
+    entropy: torch.Tensor  # entropy of the model's next-token distribution (fp32, no gradient)
+    is_top1: torch.Tensor  # whether the label is the model's most likely next token (bool)
 
 
 # Devices where ``torch.mm(a, b, out_dtype=torch.float32)`` multiplies bf16 operands into an fp32 result (``meta``
@@ -53,9 +62,21 @@ def _gradient_operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch
     return torch.float32
 
 
-def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chunk_size, with_grad, row_scale=None):
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row entropy of ``softmax(logits)`` (fp32) and whether the target is the (first) argmax, for ``(n, V)``
+    logits, without modifying them (TRL's ``entropy`` and ``mean_token_accuracy`` metrics)."""
+    log_probs = torch.log_softmax(logits, dim=1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=1)
+    return entropy, logits.argmax(dim=1) == targets
+
+
+def _project_chunks(
+    hidden, weight, bias, targets, valid, objective, hparams, cost, chunk_size, with_grad, row_scale=None, stats=None
+):
     """Run the objective over token chunks; returns fp32 values and, if ``with_grad``, fp32 gradients
     ``(hidden (N, H), weight (V, H), bias (V,))`` of ``sum(row_scale * values)`` (``row_scale`` defaults to 1).
+    ``valid`` (optional) marks the rows that count; the others get value and gradient 0. ``stats`` (optional) is a
+    pair of ``(N,)`` buffers filled with each row's ``token_statistics``.
 
     Chunk buffers are allocated once on the inputs' device and reused; for fp32 inputs the products write into them
     directly and the weight gradient accumulates in place (``addmm_``), so no per-chunk ``V x H`` temporary is created.
@@ -84,8 +105,17 @@ def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chu
             logits.copy_(chunk_hidden @ weight.T)
         if bias is not None:
             logits.add_(bias)
+        if stats is not None:
+            stats[0][span], stats[1][span] = token_statistics(logits, targets[span])
         values[span], dlogits = objective_chunk(
-            logits, targets[span], objective, hparams, cost, with_grad, None if scratch is None else scratch[:size]
+            logits,
+            targets[span],
+            objective,
+            hparams,
+            cost,
+            with_grad,
+            None if scratch is None else scratch[:size],
+            None if valid is None else valid[span],
         )
         if not with_grad:
             continue
@@ -108,23 +138,27 @@ class _FusedLinearObjective(torch.autograd.Function):
     """Objective values of valid tokens ``(N,)`` from hidden states ``(N, H)`` and the LM head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, objective, hparams, cost, chunk_size, mode):
+    def forward(ctx, hidden, weight, bias, targets, valid, objective, hparams, cost, chunk_size, mode):
         ctx.mode = mode
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         needs_grad = any(ctx.needs_input_grad[:3])
+        config = (objective, hparams, cost, chunk_size)
         if mode == "total":
-            values, *grads = _project_chunks(
-                hidden, weight, bias, targets, objective, hparams, cost, chunk_size, needs_grad
-            )
+            values, *grads = _project_chunks(hidden, weight, bias, targets, valid, *config, needs_grad)
             ctx.grads = grads if needs_grad else None
             return values.sum()
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.config = (objective, hparams, cost, chunk_size)
-        values, *_ = _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chunk_size, False)
-        return values
+        ctx.save_for_backward(hidden, weight, bias, targets, valid)
+        ctx.config = config
+        if mode == "tokens":
+            values, *_ = _project_chunks(hidden, weight, bias, targets, valid, *config, False)
+            return values
+        stats = (hidden.new_empty(targets.shape, dtype=torch.float32), targets.new_empty(targets.shape, dtype=torch.bool))
+        values, *_ = _project_chunks(hidden, weight, bias, targets, valid, *config, False, stats=stats)
+        ctx.mark_non_differentiable(*stats)
+        return values, *stats
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_stats_grads):
         if torch.is_grad_enabled():
             raise RuntimeError(SECOND_ORDER_ERROR)
         if ctx.mode == "total":
@@ -133,15 +167,15 @@ class _FusedLinearObjective(torch.autograd.Function):
             grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_output) for g in ctx.grads)
             ctx.grads = None
         else:
-            hidden, weight, bias, targets = ctx.saved_tensors
+            hidden, weight, bias, targets, valid = ctx.saved_tensors
             _, grad_hidden, grad_weight, grad_bias = _project_chunks(
-                hidden, weight, bias, targets, *ctx.config, True, row_scale=grad_output.float()
+                hidden, weight, bias, targets, valid, *ctx.config, True, row_scale=grad_output.float()
             )
         grads = (
             grad.to(dtype) if needed and grad is not None else None
             for grad, needed, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.needs_input_grad, ctx.dtypes)
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _autocast_inputs(hidden, weight, bias):
@@ -150,6 +184,16 @@ def _autocast_inputs(hidden, weight, bias):
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _common_dtype(hidden, weight, bias):
+    """Mixed floating inputs (e.g. a bf16 hidden state and an fp32 head) run in their promoted dtype, as PyTorch's type
+    promotion would compute them; the casts are part of the autograd graph, so each input gets its gradient in its own
+    dtype."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
@@ -163,52 +207,65 @@ def linear_lm_loss(
     cost_embedding: Union[CostEmbedding, torch.Tensor, None] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    shift: bool = True,
     chunk_size: Optional[int] = None,
+    return_token_stats: bool = False,
     **hparams,
-) -> torch.Tensor:
+) -> Union[torch.Tensor, TokenValues]:
     """``emo.lm_loss(hidden @ lm_head_weight.T + lm_head_bias, labels, ...)`` without materialising the logits.
 
     ``hidden`` is ``(B, T, H)`` (the last hidden state, before the LM head), ``lm_head_weight`` ``(V, H)``,
-    ``labels`` ``(B, T)`` aligned with ``hidden`` (shifted inside). Same objectives, hyper-parameters, reductions
-    and values as ``lm_loss``; ignored tokens are dropped before the projection; the objective is computed in fp32 per
-    chunk, with gradients for ``hidden``, ``lm_head_weight`` and ``lm_head_bias``. ``chunk_size`` is in tokens. Under
-    ``torch.autocast`` the head products run in the autocast dtype, like the model's own LM head.
+    ``labels`` ``(B, T)`` aligned with ``hidden`` (shifted inside unless ``shift=False``). Same objectives,
+    hyper-parameters, reductions and values as ``lm_loss``; the objective is computed in fp32 per chunk, with
+    gradients for ``hidden``, ``lm_head_weight`` and ``lm_head_bias``. ``chunk_size`` is in tokens. Under
+    ``torch.autocast`` the head products run in the autocast dtype, like the model's own LM head; otherwise inputs of
+    different floating dtypes run in their promoted dtype (a bf16 hidden state with an fp32 head: fp32), each getting
+    its gradient in its own dtype. Ignored tokens are dropped before the projection, except under ``torch.compile``,
+    where every position is projected (zero weight where ignored) so that shapes do not depend on the data.
+    ``return_token_stats=True`` (with ``reduction="none"``) also returns, from the same pass, each position's entropy
+    and whether its label is the model's top-1 token (``TokenValues``; 0 / False at ignored positions).
     """
     check_reduction(reduction)
+    if return_token_stats and reduction != "none":
+        raise ValueError("return_token_stats=True needs reduction='none' (the statistics are per token)")
     if hidden.dim() != 3 or not hidden.is_floating_point():
         raise ValueError(f"hidden must be a floating (batch, seq_len, hidden) tensor, got shape {tuple(hidden.shape)}")
-    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1] or not lm_head_weight.is_floating_point():
         raise ValueError(
-            f"lm_head_weight must be (vocab, {hidden.shape[-1]}) to match hidden, got {tuple(lm_head_weight.shape)}"
+            f"lm_head_weight must be a floating (vocab, {hidden.shape[-1]}) tensor to match hidden, "
+            f"got {lm_head_weight.dtype} {tuple(lm_head_weight.shape)}"
         )
     if lm_head_bias is not None and lm_head_bias.shape != lm_head_weight.shape[:1]:
         raise ValueError(f"lm_head_bias must be ({lm_head_weight.shape[0]},), got {tuple(lm_head_bias.shape)}")
-    if labels.dim() != 2 or labels.shape != hidden.shape[:2] or labels.is_floating_point():
-        raise ValueError(
-            f"labels must be an integer (batch, seq_len) tensor matching hidden {tuple(hidden.shape[:2])}, "
-            f"got {labels.dtype} {tuple(labels.shape)}"
-        )
+    labels = integer_labels(labels, hidden.shape[:2], "hidden")
     vocab_size = lm_head_weight.shape[0]
     spec, resolved, cost = resolve_objective(objective, cost_embedding, vocab_size, hparams)
     hidden, lm_head_weight, lm_head_bias = _autocast_inputs(hidden, lm_head_weight, lm_head_bias)
-    flat_targets = shift_labels(labels, ignore_index).reshape(-1)
-    valid = flat_targets != ignore_index
-    check_targets(flat_targets, valid, vocab_size, ignore_index)
-    rows = valid.nonzero().squeeze(1)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    args = (
+    hidden, lm_head_weight, lm_head_bias = _common_dtype(hidden, lm_head_weight, lm_head_bias)
+    flat_targets, valid = prediction_targets(labels, vocab_size, ignore_index, shift)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    if torch.compiler.is_compiling():
+        rows, row_valid = None, valid
+        targets = flat_targets.where(valid, 0)
+    else:
+        rows, row_valid = valid.nonzero().squeeze(1), None
+        flat_hidden, targets = flat_hidden.index_select(0, rows), flat_targets.index_select(0, rows)
+    values = _FusedLinearObjective.apply(
         flat_hidden,
         lm_head_weight,
         lm_head_bias,
-        flat_targets.index_select(0, rows),
+        targets,
+        row_valid,
         spec,
         resolved,
         None if cost is None else cost.to(hidden.device).normalized,
         chunk_size or default_chunk_size(vocab_size),
-        "tokens" if reduction == "none" else "total",
+        ("tokens+stats" if return_token_stats else "tokens") if reduction == "none" else "total",
     )
-    values = _FusedLinearObjective.apply(*args)
-    if reduction == "none":
-        per_position = values.new_zeros(flat_targets.shape).index_put((rows,), values)
-        return per_position.view(labels.shape)[:, :-1]
-    return reduce_token_values(values, valid.sum(), reduction)
+    if reduction != "none":
+        return reduce_token_values(values, valid.sum(), reduction)
+    outputs = values if return_token_stats else (values,)
+    if rows is not None:
+        outputs = [x.new_zeros(flat_targets.shape).index_put((rows,), x) for x in outputs]
+    outputs = [per_position(x, labels.shape, shift) for x in outputs]
+    return TokenValues(*outputs) if return_token_stats else outputs[0]

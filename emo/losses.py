@@ -171,13 +171,41 @@ def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 
 def check_targets(flat_targets: torch.Tensor, valid: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Raise ``ValueError`` naming the first out-of-range label among the valid (non-ignored) targets."""
+    """Check that every valid (non-ignored) target is a class id in ``[0, vocab_size)``, without a host sync where one
+    would cost: on CPU (eager) a ``ValueError`` names the first bad label; on accelerators and under ``torch.compile``
+    an asynchronous device-side assertion (``torch._assert_async``, as ``F.cross_entropy`` fails there) raises when
+    the result is next read."""
     if not flat_targets.numel():
         return
-    low, high = (int(v) for v in torch.aminmax(flat_targets.where(valid, 0)))
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"label {bad} is out of range for vocabulary size {vocab_size} (ignore_index is {ignore_index})")
+    if flat_targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(flat_targets.where(valid, 0)))
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"label {bad} is out of range for vocabulary size {vocab_size} (ignore_index is {ignore_index})"
+            )
+        return
+    in_range = ((flat_targets >= 0) & (flat_targets < vocab_size)) | ~valid
+    torch._assert_async(
+        in_range.all(), f"a label is out of range for vocabulary size {vocab_size} (ignore_index is {ignore_index})"
+    )
+
+
+def integer_labels(labels: torch.Tensor, like_shape: tuple, what: str) -> torch.Tensor:
+    """``labels`` as int64 after checking it is an integer ``(batch, seq_len)`` tensor matching ``like_shape``; any
+    integer dtype is accepted (``uint8``, ``int32``, ...), so ``ignore_index`` compares without overflow."""
+    if (
+        labels.dim() != 2
+        or tuple(labels.shape) != tuple(like_shape)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"labels must be an integer (batch, seq_len) tensor matching {what} {tuple(like_shape)}, "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
+    return labels.long()
 
 
 def resolve_objective(
@@ -216,6 +244,26 @@ def reduce_token_values(values: torch.Tensor, num_valid: torch.Tensor, reduction
     return total if reduction == "sum" else total / (MASK_EPS + num_valid)
 
 
+def prediction_targets(
+    labels: torch.Tensor, vocab_size: int, ignore_index: int, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat targets of every position and their validity mask, range-checked (``check_targets``).
+
+    ``shift=True``: position ``t`` predicts ``labels[:, t + 1]`` (the last position predicts nothing), as in Hugging
+    Face models and ``EMOLoss``; ``shift=False``: ``labels`` are already aligned with the positions (e.g.
+    transformers' ``shift_labels`` of padding-free batches)."""
+    targets = (shift_labels(labels, ignore_index) if shift else labels).reshape(-1)
+    valid = targets != ignore_index
+    check_targets(targets, valid, vocab_size, ignore_index)
+    return targets, valid
+
+
+def per_position(values: torch.Tensor, labels_shape: torch.Size, shift: bool) -> torch.Tensor:
+    """Flat per-position values as ``(B, T - 1)`` (``shift=True``: the last position predicts nothing) or ``(B, T)``."""
+    values = values.view(labels_shape)
+    return values[:, :-1] if shift else values
+
+
 def lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -224,31 +272,28 @@ def lm_loss(
     cost_embedding: Union[CostEmbedding, torch.Tensor, None] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    shift: bool = True,
     chunk_size: Optional[int] = None,
     **hparams,
 ) -> torch.Tensor:
-    """Causal-LM loss for any registered objective (``emo.OBJECTIVES``) on unshifted ``(B, T, V)`` logits.
+    """Causal-LM loss for any registered objective (``emo.OBJECTIVES``) on ``(B, T, V)`` logits.
 
-    ``labels`` is ``(B, T)`` and aligned with ``logits``; position ``t`` predicts ``labels[:, t + 1]`` (shifted
-    inside, as in ``EMOLoss`` and Hugging Face models). ``cost_embedding`` is a ``(V, width)`` tensor or
-    ``CostEmbedding`` (any width; never receives gradient), needed by the EMO objectives; a ``CostEmbedding`` moves to
-    the logits' device in place on first use, so it is copied there once, not at every call. ``hparams`` are the
-    objective's hyper-parameters (e.g. ``eta`` for MixCE). Computed in fp32; returns an fp32 scalar for ``mean``
-    (``sum / count`` of valid tokens; 0 when all are ignored) and ``sum``, or ``(B, T - 1)`` values for ``none``.
+    ``labels`` is an integer ``(B, T)`` tensor aligned with ``logits``; position ``t`` predicts ``labels[:, t + 1]``
+    (shifted inside, as in ``EMOLoss`` and Hugging Face models), or ``labels[:, t]`` with ``shift=False`` (labels
+    already shifted). ``cost_embedding`` is a ``(V, width)`` tensor or ``CostEmbedding`` (any width; never receives
+    gradient), needed by the EMO objectives; build a ``CostEmbedding`` once: it moves to the logits' device in place
+    on first use, so it is copied there once, not at every call. ``hparams`` override the objective's
+    hyper-parameters (e.g. ``eta`` for MixCE). Computed in fp32; returns an fp32 scalar for ``mean`` (``sum / count``
+    of valid tokens; 0, with zero gradients, when all are ignored) and ``sum``, or per-position values (``(B, T - 1)``,
+    or ``(B, T)`` with ``shift=False``; 0 at ignored positions) for ``none``. Differentiable once (see module doc).
     """
     check_reduction(reduction)
     if logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating (batch, seq_len, vocab) tensor, got shape {tuple(logits.shape)}")
-    if labels.dim() != 2 or labels.shape != logits.shape[:2] or labels.is_floating_point():
-        raise ValueError(
-            f"labels must be an integer (batch, seq_len) tensor matching logits {tuple(logits.shape[:2])}, "
-            f"got {labels.dtype} {tuple(labels.shape)}"
-        )
+    labels = integer_labels(labels, logits.shape[:2], "logits")
     vocab_size = logits.shape[-1]
     spec, resolved, cost = resolve_objective(objective, cost_embedding, vocab_size, hparams)
-    flat_targets = shift_labels(labels, ignore_index).reshape(-1)
-    valid = flat_targets != ignore_index
-    check_targets(flat_targets, valid, vocab_size, ignore_index)
+    flat_targets, valid = prediction_targets(labels, vocab_size, ignore_index, shift)
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     values = _ObjectiveOnLogits.apply(
         logits.reshape(-1, vocab_size),
@@ -261,7 +306,7 @@ def lm_loss(
         with_grad,
     )
     if reduction == "none":
-        return values.view(labels.shape)[:, :-1]
+        return per_position(values, labels.shape, shift)
     return reduce_token_values(values, valid.sum(), reduction)
 
 
@@ -274,7 +319,8 @@ def EMOLoss(
 ) -> torch.Tensor:
     """Drop-in replacement for ``EMOLoss`` from the ``EMOLoss==0.0.3`` package, with the same arguments and values.
 
-    ``mode=1`` weights towards MLE (``emo`` objective), ``mode=2`` towards EMO (``emo2``). Unlike the reference it
+    ``mode=1`` weights towards MLE (objective ``emo_clamped``: the ratio clamped at 3), ``mode=2`` towards EMO
+    (``emo2``). Unlike the reference it
     builds no one-hot matrix, computes in fp32, and never back-propagates into ``cost_embedding``.
     """
     if mode not in (1, 2):
@@ -282,7 +328,7 @@ def EMOLoss(
     return lm_loss(
         logits,
         labels,
-        objective="emo" if mode == 1 else "emo2",
+        objective="emo_clamped" if mode == 1 else "emo2",
         cost_embedding=cost_embedding,
         ignore_index=ignore_index,
     )

@@ -3,7 +3,7 @@
 ``emo_t = 1 - sum_v softmax(z_t)_v * cos(e_v, e_{y_t})`` is the earth mover distance between the model's next-token
 distribution and the one-hot gold token under the cosine transport cost of a cost embedding ``e``. The published
 objectives mix it with the token NLL through stop-gradient ratios; the constants below (``1e-10`` in the ratio
-denominators, the ratio clamp at 3) are those of the reference package ``EMOLoss==0.0.3``.
+denominators, the ratio clamp at 3 of ``emo_clamped``) are those of the reference package ``EMOLoss==0.0.3``.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def _mode2(nll: torch.Tensor, emo: torch.Tensor):
 
 
 def emo_mode1(
-    nll: torch.Tensor, p_target: torch.Tensor, emo: torch.Tensor, *, max_ratio: Optional[float] = 3.0, gt_q: bool = False
+    nll: torch.Tensor, p_target: torch.Tensor, emo: torch.Tensor, *, max_ratio: Optional[float] = None, gt_q: bool = False
 ):
     """EMO mode 1 (weighted towards MLE): ``0.5 * (nll + min(sg(nll / emo), max_ratio) * emo)``.
 
-    The defaults are ``EMOLoss==0.0.3`` mode 1. While the clamp is inactive the value equals ``nll``; the gradient is
-    ``0.5 dnll + 0.5 (nll/emo) demo``. ``max_ratio=None`` drops the clamp (the EMO repository's GPT-2 and
-    instruction-tuning code). ``gt_q=True`` is the repository's "gt_q" trick with a fixed cost embedding: the
+    The defaults are the EMO repository's Track-1 GPT-2 code (``emo``: no clamp); ``max_ratio=3`` is ``EMOLoss==0.0.3``
+    mode 1 (``emo_clamped``). While the clamp is inactive the value equals ``nll``; the gradient is
+    ``0.5 dnll + 0.5 (nll/emo) demo``. ``gt_q=True`` is the repository's "gt_q" trick with a fixed cost embedding: the
     transport term seen by the stop-gradient weights becomes ``emo + sg(q[y])`` (the gold mass is subtracted from the
     model distribution, detached, before transport); its gradient is unchanged.
     """

@@ -51,11 +51,12 @@ class Objective:
 _OBJECTIVES: dict[str, Objective] = {}
 
 
-def register_objective(name: str, *, cost_source: str = "none"):
+def register_objective(name: str, *, cost_source: str = "none", **defaults):
     """Decorator registering ``fn(nll, p_target, emo, **hparams) -> (value, a, b)`` under ``name``.
 
-    Keyword-only parameters of ``fn`` with defaults are the objective's hyper-parameters; ``cost_source`` is one of
-    ``COST_SOURCES``.
+    Keyword-only parameters of ``fn`` with defaults are the objective's hyper-parameters; ``defaults`` overrides some
+    of their values for this name (a preset: one weight function can be registered under several names, each meaning
+    one formula). ``cost_source`` is one of ``COST_SOURCES``.
     """
     if cost_source not in COST_SOURCES:
         raise ValueError(f"cost_source must be one of {COST_SOURCES}, got {cost_source!r}")
@@ -63,12 +64,15 @@ def register_objective(name: str, *, cost_source: str = "none"):
     def decorate(fn):
         if name in _OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
-        defaults = {
+        signature_defaults = {
             p.name: p.default
             for p in inspect.signature(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        _OBJECTIVES[name] = Objective(name, fn, cost_source, defaults)
+        unknown = sorted(set(defaults) - set(signature_defaults))
+        if unknown:
+            raise TypeError(f"objective {name!r}: {fn.__name__} has no hyper-parameter(s) {unknown}")
+        _OBJECTIVES[name] = Objective(name, fn, cost_source, {**signature_defaults, **defaults})
         return fn
 
     return decorate
@@ -87,13 +91,18 @@ def get_objective(name: str) -> Objective:
         raise ValueError(f"unknown objective {name!r}; valid objectives: {', '.join(_OBJECTIVES)}") from None
 
 
-for _name, _weights, _cost_source in (
-    ("mle", baselines.mle, "none"),
-    ("mixce", baselines.mixce, "none"),
-    ("tailr", baselines.tailr, "none"),
-    ("tvd", baselines.tvd, "none"),
-    ("emo", emo_objectives.emo_mode1, "fixed"),
-    ("emo2", emo_objectives.emo_mode2, "fixed"),
-    ("adaptive_emo", emo_objectives.adaptive_emo, "live_head"),
+# One name, one formula: the same names as conf/objective/ (Hydra ``objective=<name>``) and the README's preset table.
+for _name, _weights, _cost_source, _defaults in (
+    ("mle", baselines.mle, "none", {}),
+    ("mixce", baselines.mixce, "none", {}),
+    ("tailr", baselines.tailr, "none", {}),
+    ("tvd", baselines.tvd, "none", {}),  # DRSY/EMO language_modeling/gpt2.py `tvd`
+    ("emo", emo_objectives.emo_mode1, "fixed", {}),  # Track 1, language_modeling/gpt2.py: mode 1, no clamp
+    ("emo_clamped", emo_objectives.emo_mode1, "fixed", {"max_ratio": 3.0}),  # EMOLoss==0.0.3 mode 1
+    ("emo2", emo_objectives.emo_mode2, "fixed", {}),  # EMOLoss==0.0.3 mode 2
+    ("cft/emo", emo_objectives.emo_mode1, "fixed", {"max_ratio": 3.0, "gt_q": True}),  # Track 2 EMOLlamaForCausalLM
+    ("cft/emo2", emo_objectives.emo_mode2, "fixed", {"gt_q": True}),  # Track 2 EMOLlama2ForCausalLM
+    ("sft/emo", emo_objectives.emo_mode1, "fixed", {"gt_q": True}),  # Track 3 instruction_tuning/emo_llama.py
+    ("adaptive_emo", emo_objectives.adaptive_emo, "live_head", {}),  # emo_patch.py, current head
 ):
-    register_objective(_name, cost_source=_cost_source)(_weights)
+    register_objective(_name, cost_source=_cost_source, **_defaults)(_weights)

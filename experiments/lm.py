@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> dict:
     """Run one Track-1 job described by the composed config; returns the metrics written to metrics.json (those
     recorded, for a run already complete; an empty dict on the non-zero ranks of a multi-process run)."""
     started = time.time()
-    opened = start_run(cfg, cfg.data.name, cfg.objective.name, cfg.model.name)
+    opened = start_run(cfg, cfg.data.name, cfg.objective.label, cfg.model.name)
     if opened.complete:
         return opened.recorded
     output_dir, run_id = opened.output_dir, opened.run_id

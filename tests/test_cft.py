@@ -59,7 +59,7 @@ def test_reference_recipe_in_the_configs(compose_cfg):
     lora = compose_cfg("experiment=cft_lora", "model=llama7b")
     assert lora.recipe == "experiments.cft:run" and lora.seed == 100 and lora.data.name == "wikitext103"
     assert lora.model.name_or_path == "huggyllama/llama-7b" and lora.model.dtype == "bfloat16"
-    assert (lora.objective.name, dict(lora.objective.hparams)) == ("emo2", {"gt_q": True})
+    assert (lora.objective.name, dict(lora.objective.hparams)) == ("cft/emo2", {"gt_q": True})
     assert lora.model.cost_embedding is None and lora.data.block_size == 256
     assert dict(lora.cft.train_budget) == {"unit": "sentences", "count": 25000} and lora.cft.evaluate
     trainer = lora.trainer

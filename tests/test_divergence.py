@@ -100,12 +100,14 @@ def test_the_guard_adds_no_host_sync_per_step_on_cuda():
 
     from emo.training import ObjectiveLoss, ObjectiveTrainer, ObjectiveTrainingArguments
 
-    def syncs(trainer_class, arguments_class, **extra) -> int:
+    def syncs(trainer_class, arguments_class, loss_argument) -> int:
         torch.manual_seed(0)
         args = arguments_class(output_dir="unused", max_steps=6, per_device_train_batch_size=2,
                                gradient_accumulation_steps=2, logging_steps=100, report_to=[], save_strategy="no",
                                disable_tqdm=True, seed=0)
-        trainer = trainer_class(model=tiny_gpt2(), args=args, train_dataset=padded_dataset(num_rows=24), **extra)
+        model = tiny_gpt2()
+        trainer = trainer_class(model=model, args=args, train_dataset=padded_dataset(num_rows=24),
+                                **{loss_argument: ObjectiveLoss("mle", model=model)})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -115,7 +117,7 @@ def test_the_guard_adds_no_host_sync_per_step_on_cuda():
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchronizing" in str(w.message) for w in caught)
 
-    plain = syncs(Trainer, TrainingArguments, compute_loss_func=ObjectiveLoss("mle"))
-    guarded = syncs(ObjectiveTrainer, ObjectiveTrainingArguments, objective_loss=ObjectiveLoss("mle"))
+    plain = syncs(Trainer, TrainingArguments, "compute_loss_func")
+    guarded = syncs(ObjectiveTrainer, ObjectiveTrainingArguments, "objective_loss")
     print(f"\nhost syncs in 6 steps x 2 micro-batches: Trainer {plain}, ObjectiveTrainer with the guard {guarded}")
     assert guarded <= plain

@@ -116,7 +116,7 @@ def test_fused_peak_memory_does_not_hold_logits():
 
 def test_fused_rejects_mismatched_head():
     h, weight, _, labels, _ = _inputs(5, 1, 4, 8, 20, 4, 0.0)
-    with pytest.raises(ValueError, match=r"lm_head_weight must be \(vocab, 8\)"):
+    with pytest.raises(ValueError, match=r"lm_head_weight must be a floating \(vocab, 8\)"):
         linear_lm_loss(h, weight[:, :4], labels, objective="mle")
     with pytest.raises(ValueError, match="vocabulary size mismatch"):
         linear_lm_loss(h, weight, labels, objective="emo", cost_embedding=torch.randn(21, 3))
@@ -140,17 +140,22 @@ def test_fused_training_matches_materialized(build_model, objective, tmp_path):
 @pytest.mark.parametrize("build_model", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_fused_contract_with_the_model(build_model):
     """``forward_kwargs`` makes the model skip the logits and return the last hidden state; ``__call__`` then gives
-    the same loss as on full logits, and without those outputs it says what is missing."""
+    the same loss as the materialised loss on full logits; given full logits it refuses to pretend to be fused, and
+    without either output it says what is missing."""
     torch.manual_seed(0)
     model = build_model().eval()
     batch = {k: torch.tensor(v) for k, v in padded_dataset(num_rows=3)[:].items()}
     labels = batch.pop("labels")
-    loss = ObjectiveLoss("emo2", cost_embedding=cost_embedding_from_model(model), model=model, impl="fused")
+    cost = cost_embedding_from_model(model)
+    loss = ObjectiveLoss("emo2", cost_embedding=cost, model=model, impl="fused")
+    materialized = ObjectiveLoss("emo2", cost_embedding=cost, model=model)
     assert loss.forward_kwargs(training=False, device="cpu") == {}
     extra = loss.forward_kwargs(training=True, device="cpu")
     outputs = model(**batch, **extra)
     assert outputs.logits.shape[1] == 0
-    torch.testing.assert_close(loss(outputs, labels), loss(model(**batch), labels))
+    torch.testing.assert_close(loss(outputs, labels), materialized(model(**batch), labels))
+    with pytest.raises(ValueError, match="was given the model's full logits, so nothing would be fused"):
+        loss(model(**batch), labels)
     with pytest.raises(ValueError, match="neither logits nor a last hidden state"):
         loss({"logits": outputs.logits}, labels)
 

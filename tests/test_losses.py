@@ -61,7 +61,9 @@ def test_emoloss_matches_reference_with_custom_ignore_index(reference_emoloss):
 
 def test_lm_loss_emo_names_are_emoloss_modes():
     logits, labels, cost = _case(11, 2, 8, 40, 12, 0.2)
-    torch.testing.assert_close(lm_loss(logits, labels, objective="emo", cost_embedding=cost), EMOLoss(logits, labels, cost))
+    torch.testing.assert_close(
+        lm_loss(logits, labels, objective="emo_clamped", cost_embedding=cost), EMOLoss(logits, labels, cost)
+    )
     torch.testing.assert_close(
         lm_loss(logits, labels, objective="emo2", cost_embedding=cost), EMOLoss(logits, labels, cost, mode=2)
     )

@@ -14,10 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emo import OBJECTIVES
 from experiments.pipeline.records import flatten
 
-OBJECTIVE_ORDER = ("mle", "mixce", "tailr", "tvd", "emo", "emo2", "adaptive_emo")
-"""Row order of objectives in every table (unknown ones last, by name)."""
+OBJECTIVE_ORDER = OBJECTIVES
+"""Row order of objectives in every table: the registry's (unknown ones last, by name)."""
 
 DERIVED_SIZES = ("num_prompts", "max_new_tokens")
 """metrics.json sizes that follow from config and data; part of every run's identity (the data may have changed)."""
