@@ -50,6 +50,16 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary: ``w0`` (pad) ... ``w63``; ``w2`` is EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", eos_token="w2", unk_token="w1")
+
+
 def padded_dataset(num_rows=8, seq_len=12, seed=0):
     """Rows of different true lengths, right-padded with -100 labels, so per-batch means differ from token means."""
     from datasets import Dataset
@@ -103,6 +113,80 @@ def train_once(build_model, objective, batch_size, accumulation, tmp_path, steps
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return model, losses
+
+
+# ---- literal autograd transcriptions of the reference formulas (DRSY/EMO at 14da9d5, MixCE, TaiLr), per token:
+# (B, T, V) logits, (B, T) unshifted labels, the raw cost matrix -> (token losses (N,), valid mask (N,)).
+# The constants are the reference code's, written by hand, so that a preset drifting from its reference fails.
+
+def _shifted(logits, labels):
+    import torch.nn.functional as F
+
+    flat, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    mask = targets != -100
+    gold = targets.clamp(min=0)
+    return flat, gold, mask, F.cross_entropy(flat.float(), gold, reduction="none")
+
+
+def _transport(flat, gold, cost, gt_q):
+    """``1 - (q @ E_hat) . E_hat[y]``; with gt_q the model distribution is ``q - sg(q * onehot(y))``."""
+    import torch.nn.functional as F
+
+    cost = cost.detach().float()
+    unit = cost / torch.linalg.vector_norm(cost, dim=1, keepdim=True)
+    q = torch.log_softmax(flat.float(), dim=-1).exp()
+    if gt_q:
+        q = q - (q * F.one_hot(gold, flat.shape[-1]).to(q.dtype)).detach()
+    return 1 - ((q @ unit) * unit[gold]).sum(-1)
+
+
+def _literal_emo_mode1(max_ratio, gt_q):
+    def token_losses(logits, labels, cost):
+        flat, gold, mask, ce = _shifted(logits, labels)
+        transport = _transport(flat, gold, cost, gt_q) * mask
+        ratio = (ce / (transport + 1e-10)).detach()
+        if max_ratio is not None:
+            ratio = torch.min(ratio, torch.full_like(ratio, max_ratio))
+        return 0.5 * (ce + ratio * transport), mask
+
+    return token_losses
+
+
+def _literal_emo_mode2(gt_q):
+    def token_losses(logits, labels, cost):
+        flat, gold, mask, ce = _shifted(logits, labels)
+        transport = _transport(flat, gold, cost, gt_q) * mask
+        return (transport / (ce + 1e-10)).detach() * ce + transport, mask
+
+    return token_losses
+
+
+def _literal_nll_weighting(weight_of_p):
+    def token_losses(logits, labels, cost):
+        _, _, mask, ce = _shifted(logits, labels)
+        return weight_of_p(torch.exp(-ce).detach()) * ce, mask
+
+    return token_losses
+
+
+LITERAL_TOKEN_LOSSES = {
+    "mle": _literal_nll_weighting(lambda p: torch.ones_like(p)),
+    "mixce": _literal_nll_weighting(lambda p: 0.1 + (1 - 0.1) * p),
+    "tailr": _literal_nll_weighting(lambda p: torch.clamp(p / (0.5 + (1 - 0.5) * p), min=0.2, max=1.0)),
+    "tvd": _literal_nll_weighting(lambda p: 0.5 + (1 - 0.5) * torch.clamp(p / ((1 - 0.5) + 0.5 * p), min=0.2, max=1.0)),
+    "emo": _literal_emo_mode1(None, gt_q=False),
+    "cft/emo": _literal_emo_mode1(3.0, gt_q=True),
+    "cft/emo2": _literal_emo_mode2(gt_q=True),
+    "sft/emo": _literal_emo_mode1(None, gt_q=True),
+    "adaptive_emo": _literal_emo_mode1(None, gt_q=True),  # with the current head, detached, as the cost
+}
+"""Every preset with a literal form (``emo_clamped`` and ``emo2`` are checked against the EMOLoss wheel itself)."""
+
+
+def literal_mean(token_losses, logits, labels, cost):
+    """Mean of a literal objective over the valid tokens."""
+    loss, mask = token_losses(logits, labels, cost)
+    return (loss * mask).sum() / mask.sum()
 
 
 def load_reference_emoloss():

@@ -53,3 +53,8 @@ def test_offline_hub_id_fails_fast(monkeypatch):
     with pytest.raises(OfflineError, match="Cannot fetch cost-embedding model 'gpt2-large'"):
         load_cost_embedding("gpt2-large", vocab_size=50257)
     assert time.monotonic() - start < 5
+
+
+def test_model_without_output_embedding_is_a_value_error():
+    with pytest.raises(ValueError, match="Linear has no output embedding"):
+        cost_embedding_from_model(torch.nn.Linear(3, 4))

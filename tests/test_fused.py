@@ -114,6 +114,25 @@ def test_fused_peak_memory_does_not_hold_logits():
     assert sum(g.numel() for g in held) == valid_tokens * h.shape[-1] + weight.numel()
 
 
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                                       (torch.float16, torch.bfloat16)], ids=str)
+def test_fused_mixed_dtypes_run_in_the_promoted_dtype(hidden_dtype, weight_dtype):
+    """A bf16 hidden state with an fp32 head (say): computed as in the promoted dtype, each gradient in its input's
+    own dtype, equal to the loss of the promoted inputs."""
+    h, weight, bias, labels, cost = _inputs(3, 2, 6, 8, 30, 4, 0.2)
+    h, weight = h.detach().to(hidden_dtype).requires_grad_(), weight.detach().to(weight_dtype).requires_grad_()
+    loss = linear_lm_loss(h, weight, labels, objective="emo", cost_embedding=cost)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, weight))
+    assert (grad_h.dtype, grad_w.dtype) == (hidden_dtype, weight_dtype)
+    common = torch.promote_types(hidden_dtype, weight_dtype)
+    h2, w2 = h.detach().to(common).requires_grad_(), weight.detach().to(common).requires_grad_()
+    expected = linear_lm_loss(h2, w2, labels, objective="emo", cost_embedding=cost)
+    torch.testing.assert_close(loss, expected)
+    expected_h, expected_w = torch.autograd.grad(expected, (h2, w2))
+    torch.testing.assert_close(grad_h, expected_h.to(hidden_dtype))
+    torch.testing.assert_close(grad_w, expected_w.to(weight_dtype))
+
+
 def test_fused_rejects_mismatched_head():
     h, weight, _, labels, _ = _inputs(5, 1, 4, 8, 20, 4, 0.0)
     with pytest.raises(ValueError, match=r"lm_head_weight must be a floating \(vocab, 8\)"):

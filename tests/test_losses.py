@@ -1,5 +1,6 @@
 """Objective losses: golden values against the published EMOLoss, hand-computed baselines, robustness, errors."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -278,12 +279,46 @@ def test_bad_shapes():
         lm_loss(torch.randn(1, 3, 10), torch.tensor([[1, 2]]), objective="mle")
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
-def test_bad_cost_rows_are_named(bad):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_cost_rows_are_named(bad):
     cost = torch.randn(10, 4)
     cost[7] = bad
-    with pytest.raises(ValueError, match=r"1 non-finite or all-zero row\(s\) \(first: \[7\]\)"):
+    with pytest.raises(ValueError, match=r"1 non-finite row\(s\) \(first: \[7\]\)"):
         CostEmbedding(cost)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_zero_cost_rows_have_cosine_zero_to_every_token(validate):
+    """A zero row (a tied head's padding row): cosine 0 to every token, itself included (transport cost 1), a warning
+    naming it, and finite losses and gradients, also unvalidated; the other rows are normalised as usual."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 4, generator=gen)
+    weight[[3, 7]] = 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cost = CostEmbedding(weight, validate=validate)
+    messages = [str(w.message) for w in caught]
+    assert any("2 all-zero row(s) (first: [3, 7])" in m and "transport cost 1" in m for m in messages) == validate
+    assert torch.equal(cost.normalized[[3, 7]], torch.zeros(2, 4))
+    torch.testing.assert_close(cost.normalized[0], weight[0] / weight[0].norm())
+    logits = torch.randn(2, 6, 10, generator=gen, requires_grad=True)
+    labels = torch.tensor([[1, 3, 7, 3, 2, 7], [7, 7, 0, 3, 5, 1]])
+    per_token = lm_loss(logits, labels, objective="emo2", cost_embedding=cost, reduction="none")
+    assert torch.isfinite(per_token).all()
+    (grad,) = torch.autograd.grad(per_token.sum(), logits)
+    assert torch.isfinite(grad).all()
+    # Mode 2's value is 2 * emo; a gold zero-row token has emo = 1 whatever the model predicts.
+    torch.testing.assert_close(per_token[0, 0], torch.tensor(2.0))  # position 0 predicts token 3
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_integer_labels_of_any_dtype(dtype):
+    logits = torch.randn(2, 5, 10)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 0]])
+    expected = lm_loss(logits, labels, objective="mle")
+    torch.testing.assert_close(lm_loss(logits, labels.to(dtype), objective="mle"), expected)
+    with pytest.raises(ValueError, match="labels must be an integer"):
+        lm_loss(logits, labels.bool(), objective="mle")
 
 
 def test_emoloss_rejects_unknown_mode():

@@ -1,62 +1,29 @@
-"""Golden tests of every objective preset in ``conf/objective``: the preset, composed by Hydra exactly as a run
-composes it, gives the values and gradients of a literal autograd transcription of the reference code it names
-(DRSY/EMO at 14da9d5, or the published ``EMOLoss==0.0.3`` wheel itself), through both implementations."""
+"""Golden tests of every objective name: one name, one formula. For each preset in ``conf/objective``, the Python API
+called with just that name, and the Hydra preset composed exactly as a run composes it, give the values and gradients
+of a literal autograd transcription of the reference code it names (DRSY/EMO at 14da9d5, or the published
+``EMOLoss==0.0.3`` wheel itself), through both implementations."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+import emo
+from emo import linear_lm_loss, lm_loss
 from emo.registry import get_objective
 from emo.training import ObjectiveLoss
-from helpers import load_reference_emoloss
+from helpers import LITERAL_TOKEN_LOSSES, literal_mean, load_reference_emoloss
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "objective"
 BATCH, SEQ, HIDDEN, VOCAB, WIDTH = 3, 13, 16, 97, 12
 
 
-# ---- literal transcriptions: (B, T, V) logits, (B, T) labels, the cost matrix, already detached ----
-
-def _shifted(logits, labels):
-    flat, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-    mask = targets != -100
-    gold = targets.clamp(min=0)
-    return flat, gold, mask, F.cross_entropy(flat, gold, reduction="none")
-
-
-def _transport(flat, gold, cost, gt_q):
-    """``1 - (q @ E_hat) . E_hat[y]``; with gt_q the model distribution is ``q - sg(q * onehot(y))``."""
-    unit = cost / torch.linalg.vector_norm(cost, dim=1, keepdim=True)
-    q = torch.log_softmax(flat, dim=-1).exp()
-    if gt_q:
-        q = q - (q * F.one_hot(gold, flat.shape[-1]).to(q.dtype)).detach()
-    return 1 - ((q @ unit) * unit[gold]).sum(-1)
-
-
-def _mean(loss, mask):
-    return (loss * mask).sum() / mask.sum()
-
-
-def emo_mode1(max_ratio, gt_q):
+def literal(preset):
+    """The literal transcription of ``preset``'s reference formula as a mean over valid tokens."""
     def loss(logits, labels, cost):
-        flat, gold, mask, ce = _shifted(logits, labels)
-        transport = _transport(flat, gold, cost, gt_q) * mask
-        ratio = (ce / (transport + 1e-10)).detach()
-        if max_ratio is not None:
-            ratio = torch.min(ratio, torch.full_like(ratio, max_ratio))
-        return _mean(0.5 * (ce + ratio * transport), mask)
-
-    return loss
-
-
-def emo_mode2(gt_q):
-    def loss(logits, labels, cost):
-        flat, gold, mask, ce = _shifted(logits, labels)
-        transport = _transport(flat, gold, cost, gt_q) * mask
-        return _mean((transport / (ce + 1e-10)).detach() * ce + transport, mask)
+        return literal_mean(LITERAL_TOKEN_LOSSES[preset], logits, labels, cost)
 
     return loss
 
@@ -68,52 +35,20 @@ def emoloss_wheel(mode):
     return loss
 
 
-def cross_entropy(logits, labels, cost):
-    _, _, mask, ce = _shifted(logits, labels)
-    return _mean(ce, mask)
-
-
-def mixce(eta):
-    def loss(logits, labels, cost):
-        _, _, mask, ce = _shifted(logits, labels)
-        return _mean(eta * ce + (1 - eta) * torch.exp(-ce).detach() * ce, mask)
-
-    return loss
-
-
-def tailr(gamma, min_weight):
-    def loss(logits, labels, cost):
-        _, _, mask, ce = _shifted(logits, labels)
-        p = torch.exp(-ce).detach()
-        return _mean(torch.clamp(p / (gamma + (1 - gamma) * p), min=min_weight, max=1.0) * ce, mask)
-
-    return loss
-
-
-def tvd(mixing_ratio):
-    def loss(logits, labels, cost):
-        _, _, mask, ce = _shifted(logits, labels)
-        p = torch.exp(-ce).detach()
-        weight = torch.clamp(p / ((1 - mixing_ratio) + mixing_ratio * p), min=0.2, max=1.0)
-        return _mean(mixing_ratio * ce + (1 - mixing_ratio) * weight * ce, mask)
-
-    return loss
-
-
 # preset -> (reference it reproduces, literal loss). The EMO constants are the reference code's, written here by
 # hand: a preset whose hyper-parameters drift from its reference fails. Baseline presets check the formula.
 GOLDEN = {
-    "emo": ("language_modeling/gpt2.py `emo` (Track 1): mode 1, no clamp, no gt_q", emo_mode1(None, gt_q=False)),
+    "emo": ("language_modeling/gpt2.py `emo` (Track 1): mode 1, no clamp, no gt_q", literal("emo")),
     "emo_clamped": ("EMOLoss==0.0.3 mode 1 (the wheel): mode 1, clamp 3", emoloss_wheel(1)),
     "emo2": ("EMOLoss==0.0.3 mode 2 (the wheel)", emoloss_wheel(2)),
-    "cft/emo2": ("continual_finetuning/emo_llama.py EMOLlama2ForCausalLM (Track 2): mode 2, gt_q", emo_mode2(True)),
-    "cft/emo": ("continual_finetuning/emo_llama.py EMOLlamaForCausalLM: mode 1, clamp 3, gt_q", emo_mode1(3.0, True)),
-    "sft/emo": ("instruction_tuning/emo_llama.py (Track 3): mode 1, no clamp, gt_q", emo_mode1(None, gt_q=True)),
-    "adaptive_emo": ("emo_patch.py EMO-1 adaptive: current head, mode 1, no clamp, gt_q", emo_mode1(None, True)),
-    "mle": ("token cross-entropy", cross_entropy),
-    "mixce": ("MixCE token-level form", mixce(eta=0.1)),
-    "tailr": ("TaiLr weight", tailr(gamma=0.5, min_weight=0.2)),
-    "tvd": ("language_modeling/gpt2.py `tvd`", tvd(mixing_ratio=0.5)),
+    "cft/emo2": ("continual_finetuning/emo_llama.py EMOLlama2ForCausalLM (Track 2): mode 2, gt_q", literal("cft/emo2")),
+    "cft/emo": ("continual_finetuning/emo_llama.py EMOLlamaForCausalLM: mode 1, clamp 3, gt_q", literal("cft/emo")),
+    "sft/emo": ("instruction_tuning/emo_llama.py (Track 3): mode 1, no clamp, gt_q", literal("sft/emo")),
+    "adaptive_emo": ("emo_patch.py EMO-1 adaptive: current head, mode 1, no clamp, gt_q", literal("adaptive_emo")),
+    "mle": ("token cross-entropy", literal("mle")),
+    "mixce": ("MixCE token-level form, eta 0.1", literal("mixce")),
+    "tailr": ("TaiLr weight, gamma 0.5, min_weight 0.2", literal("tailr")),
+    "tvd": ("language_modeling/gpt2.py `tvd`, mixing_ratio 0.5", literal("tvd")),
 }
 
 
@@ -121,8 +56,17 @@ def _preset_names():
     return sorted(str(p.relative_to(CONF_DIR).with_suffix("")) for p in CONF_DIR.rglob("*.yaml") if p.stem != "base")
 
 
-def test_every_preset_has_a_golden_reference():
-    assert sorted(GOLDEN) == _preset_names()
+def test_every_name_is_a_preset_with_a_golden_reference():
+    """The registry's names, the Hydra presets and the golden references are the same set."""
+    assert sorted(GOLDEN) == _preset_names() == sorted(emo.OBJECTIVES)
+
+
+@pytest.mark.parametrize("preset", sorted(GOLDEN))
+def test_preset_config_is_the_registry_objective(preset, compose_cfg):
+    """``objective=<name>`` names the registry objective ``<name>`` and restates exactly its default hyper-parameters."""
+    cfg = compose_cfg(f"objective={preset}").objective
+    assert cfg.name == preset and cfg.label == preset
+    assert OmegaConf.to_container(cfg.hparams, resolve=True) == get_objective(preset).defaults
 
 
 class _Head(torch.nn.Module):
@@ -176,19 +120,29 @@ def test_preset_matches_its_reference(preset, impl, compose_cfg):
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
 
+    # The Python API by name alone (no hyper-parameters): the same formula.
+    by_name = {"none": None, "fixed": fixed_cost, "live_head": head}[spec.cost_source]
+    if impl == "fused":
+        python = linear_lm_loss(hidden, head, labels, objective=preset, cost_embedding=by_name)
+    else:
+        python = lm_loss(hidden @ head.T, labels, objective=preset, cost_embedding=by_name)
+    torch.testing.assert_close(python, expected, rtol=1e-5, atol=1e-6)
+    for grad, expected_grad in zip(torch.autograd.grad(python, (hidden, head)), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
 
 def test_gt_q_changes_only_the_ratio_weights():
     """``gt_q`` raises the transport value seen by the ratios by ``q[y]``: mode 1 values stay CE while unclamped, and
     the gt_q presets differ from the plain ones (so the golden tests above can tell them apart)."""
     hidden, weight, labels, cost = _inputs(seed=0)
     logits = (hidden @ weight.T).requires_grad_()
-    plain, with_gt_q = emo_mode1(None, False), emo_mode1(None, True)
+    plain, with_gt_q, cross_entropy = literal("emo"), literal("sft/emo"), literal("mle")
     torch.testing.assert_close(plain(logits, labels, cost), cross_entropy(logits, labels, cost))
     torch.testing.assert_close(with_gt_q(logits, labels, cost), cross_entropy(logits, labels, cost))
     grad_plain = torch.autograd.grad(plain(logits, labels, cost), logits)[0]
     grad_gt_q = torch.autograd.grad(with_gt_q(logits, labels, cost), logits)[0]
     assert (grad_plain - grad_gt_q).abs().sum() > 1e-3 * grad_plain.abs().sum()
-    two, two_gt_q = emo_mode2(False)(logits, labels, cost), emo_mode2(True)(logits, labels, cost)
+    two, two_gt_q = emoloss_wheel(2)(logits, labels, cost), literal("cft/emo2")(logits, labels, cost)
     assert two_gt_q > two
 
 
