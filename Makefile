@@ -74,7 +74,7 @@ cft-llama: install
 	$(PY) run.py -m experiment=cft_lora model=$(CFT_MODEL) objective=$(CFT_OBJECTIVES) $(CFT_ICL_ARGS) $(RUN_ARGS)
 	$(MAKE) tables EXPERIMENT=cft_lora
 
-# ---- Track 2 demo: SmolLM2-135M (PyPI, offline) with LoRA, mle vs emo2 on local WikiText-2, 8-shot ICL (CPU) ----
+# ---- Track 2 demo: SmolLM2-135M (PyPI, offline) with LoRA, mle vs cft/emo2 on local WikiText-2, 8-shot ICL (CPU) ----
 DEMO_ICL_OBJECTIVES ?= mle,cft/emo2
 DEMO_ICL_ARGS ?=
 

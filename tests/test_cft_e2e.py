@@ -42,10 +42,10 @@ def test_cft_tiny_sweep_then_accuracy_table_with_base_row(tmp_path):
         predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
         assert len(predictions) == 3 * 16
         scores[metrics["objective"]] = torch.tensor([s for p in predictions for s in p["scores"].values()])
-    assert set(runs) == {"base", "mle", "emo2"}
-    for objective in ("mle", "emo2"):  # the fine-tuned model is evaluated, not the base one (3 tiny steps move little)
+    assert set(runs) == {"base", "mle", "cft/emo2"}
+    for objective in ("mle", "cft/emo2"):  # the fine-tuned model is evaluated, not the base one (3 tiny steps move little)
         assert (scores[objective] - scores["base"]).abs().max() > 1e-5
-    for objective in ("mle", "emo2"):
+    for objective in ("mle", "cft/emo2"):
         metrics = runs[objective]
         budget = metrics["train_budget"]
         assert (budget["unit"], budget["count"], budget["sentences"]) == ("sentences", 200, 200)
@@ -54,13 +54,14 @@ def test_cft_tiny_sweep_then_accuracy_table_with_base_row(tmp_path):
         assert set(metrics["saved"]) == {"adapter", "merged"}
         assert all((Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file()
                    for path in metrics["saved"].values())
-    assert runs["emo2"]["objective_hparams"] == {"gt_q": True} and runs["mle"]["objective_name"] == "mle"
+    assert runs["cft/emo2"]["objective_hparams"] == {"gt_q": True} and runs["mle"]["objective_name"] == "mle"
 
     assert tables_main(["--results-dir", str(results), "--experiment", "cft_tiny"]) == 0
     table = (results / "tables" / "icl_accuracy.md").read_text()
     lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| tiny_llama")}
-    assert set(lines) == {"tiny_llama", "tiny_llama + mle", "tiny_llama + emo2"}
-    for label, objective in (("tiny_llama", "base"), ("tiny_llama + mle", "mle"), ("tiny_llama + emo2", "emo2")):
+    assert set(lines) == {"tiny_llama", "tiny_llama + mle", "tiny_llama + cft/emo2"}
+    for label, objective in (("tiny_llama", "base"), ("tiny_llama + mle", "mle"),
+                             ("tiny_llama + cft/emo2", "cft/emo2")):
         sst2 = runs[objective]["icl"]["tasks"]["sst2"]
         assert f"{100 * sst2['accuracy']:.1f} ± {100 * sst2['stderr']:.1f}" in lines[label]
     assert (results / "tables" / "icl_accuracy.csv").is_file() and (results / "tables" / "icl_accuracy.tex").is_file()

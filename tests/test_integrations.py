@@ -223,6 +223,29 @@ def test_model_loss_hook(model_name, tmp_path):
                      expected_grads)
 
 
+def test_model_loss_hook_in_an_accelerate_loop():
+    """An accelerate loop that reads ``outputs.loss``: passing the accumulated batch's token count as
+    ``num_items_in_batch`` makes two micro-batches sum to the one-batch gradient."""
+    from accelerate import Accelerator
+
+    data = padded_dataset(num_rows=ROWS)
+    model = fresh("llama")
+    cost_weight = model.get_output_embeddings().weight.detach().clone()
+    expected, expected_grads, _, _ = reference(fresh("llama"), unpadded_rows(data), "emo", cost_weight)
+    emo.ObjectiveLoss("emo", cost_embedding=cost_weight).attach_to_model(model)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    inputs, labels = batch_of(data)
+    count = (labels[:, 1:] != -100).sum()
+    total = 0.0
+    for rows in (slice(0, 2), slice(2, 4)):
+        loss = model(**{k: v[rows] for k, v in inputs.items()}, labels=labels[rows], num_items_in_batch=count).loss
+        accelerator.backward(loss)
+        total += loss.detach()
+    assert_exact("model hook in an accelerate loop 2x2", total, [p.grad for p in trainable(model)], expected,
+                 expected_grads)
+
+
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_model_loss_hook_under_peft(model_name):
     """A PEFT-wrapped model: the hook sits on the underlying model, LoRA gradients match the reference."""
