@@ -63,7 +63,7 @@ def test_fused_kernel_runs_on_meta(objective, dtype, with_grad, mode):
     ]
     targets = torch.empty(tokens, dtype=torch.long, device="meta")
     values = _FusedLinearObjective.apply(
-        *leaves, targets, spec, spec.resolve_hparams({}), _meta_cost(spec, vocab), 4, mode
+        *leaves, targets, None, spec, spec.resolve_hparams({}), _meta_cost(spec, vocab), 4, mode
     )
     assert values.device.type == "meta"
     if with_grad:

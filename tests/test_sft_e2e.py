@@ -70,7 +70,7 @@ def test_sft_alpaca_composes_the_reference_recipe():
     assert cfg["sft"]["model_max_length"] == 512 and cfg["sft"]["tokenize_jointly"] is False
     assert cfg["instructions"]["path"] == "vicgalle/alpaca-gpt4"
     assert cfg["eval_instructions"]["path"] == "tatsu-lab/alpaca_eval"
-    assert cfg["objective"]["name"] == "emo" and cfg["objective"]["hparams"] == {"max_ratio": None, "gt_q": True}
+    assert cfg["objective"]["name"] == "sft/emo" and cfg["objective"]["hparams"] == {"max_ratio": None, "gt_q": True}
     assert cfg["model"]["name"] == "llama7b" and cfg["model"]["cost_embedding"] is None
     assert cfg["model"]["dtype"] == "float32"  # fp32 master weights under bf16 autocast
     assert cfg["recipe"] == "experiments.sft:run"
