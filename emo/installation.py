@@ -41,33 +41,35 @@ def _loaded_init() -> Optional[Path]:
     return None if location is None else Path(location).resolve()
 
 
-def _emoloss_init() -> Optional[Path]:
-    """Where the installed EMOLoss distribution put its ``emo/__init__.py`` (None if it is not installed)."""
+def _installed_init(distribution: str) -> Optional[Path]:
+    """Where ``distribution`` installed an ``emo/__init__.py`` (None if it is not installed, or, like an editable
+    install, lists no such file)."""
     try:
-        distribution = importlib.metadata.distribution(CLASHING_DISTRIBUTION)
+        files = importlib.metadata.distribution(distribution).files or []
     except importlib.metadata.PackageNotFoundError:
         return None
-    return Path(distribution.locate_file("emo/__init__.py")).resolve()
+    return next((Path(file.locate()).resolve() for file in files if file.as_posix() == "emo/__init__.py"), None)
 
 
 def replaced_init_message() -> str:
     """Why the imported ``emo`` package is not emo-suite's, and how to repair the environment."""
-    loaded, emoloss = _loaded_init(), _emoloss_init()
+    loaded, emoloss = _loaded_init(), _installed_init(CLASHING_DISTRIBUTION)
     if loaded is None:
         return ("emo-suite's emo/__init__.py is missing (uninstalling EMOLoss, whose files include the same path, "
                 "deletes it), so `import emo` gives a namespace package without emo-suite's API. "
                 + (f"{KEEP_EMO_SUITE}, then {REINSTALL}." if emoloss is not None else f"To repair, {REINSTALL}."))
     if loaded == emoloss:
+        how = ("installed after emo-suite, it replaced emo-suite's; pip does not detect this"
+               if _installed_init(DISTRIBUTION) == loaded else "it comes first on sys.path")
         return (f"`import emo` gives {CLASHING_DISTRIBUTION} {installed_version(CLASHING_DISTRIBUTION)}'s package "
                 f"({loaded}), without emo-suite's API: {CLASHING_DISTRIBUTION} installs the same import package "
-                "`emo`, and its emo/__init__.py is the one Python finds (installed after emo-suite, it replaced "
-                f"emo-suite's; pip does not detect this). {KEEP_EMO_SUITE}, then {REINSTALL}.")
+                f"`emo`, and its emo/__init__.py is the one Python finds ({how}). {KEEP_EMO_SUITE}, then {REINSTALL}.")
     return f"`import emo` gives another package ({loaded}), without emo-suite's API. Remove it, then {REINSTALL}."
 
 
 def coexistence_message() -> Optional[str]:
     """With emo-suite's ``emo`` imported: what having EMOLoss installed too means, or None if it is not installed."""
-    emoloss = _emoloss_init()
+    emoloss = _installed_init(CLASHING_DISTRIBUTION)
     if emoloss is None:
         return None
     what = f"{CLASHING_DISTRIBUTION} {installed_version(CLASHING_DISTRIBUTION)} is installed in this environment too"

@@ -26,7 +26,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_SOURCES = {"emo": REPO_ROOT / "emo", "emo/baselines": REPO_ROOT / "baselines"}
 """Where each folder of the installed ``emo`` package comes from in this repository (pyproject's package-dir)."""
 DIST_INFO = "emo_suite-{version}.dist-info"
-INSTALLED_BY_PIP = {"INSTALLER", "REQUESTED", "direct_url.json"}
 
 USER_PROJECT_SCRIPT = r"""
 import importlib.metadata, json, sys, warnings
