@@ -67,7 +67,8 @@ with warnings.catch_warnings(record=True) as caught:
     import emo
 import torch
 
-state = {"has_emo_suite_api": hasattr(emo, "lm_loss"), "warnings": [str(w.message) for w in caught if "EMOLoss" in str(w.message)]}
+state = {"has_emo_suite_api": hasattr(emo, "lm_loss"),
+         "warnings": [str(w.message) for w in caught if "EMOLoss" in str(w.message)]}
 try:
     import emo.losses
     state["submodule_error"] = None
