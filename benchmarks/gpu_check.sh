@@ -11,6 +11,8 @@ logs=${1:-gpu_check}
 mkdir -p "$logs"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
 status=0
+# `baselines/` is the package `emo.baselines` only through an install of this checkout (offline: no build isolation)
+"$PY" -c "import emo" 2>/dev/null || "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || status=1
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
 '|', torch.cuda.get_device_name(0))" 2>&1 | tee "$logs/device.log" || status=1
 "$PY" benchmarks/loss_bench.py --device cuda --warmup 3 --iters 10 2>&1 | tee "$logs/loss_bench_emo.log" || status=1

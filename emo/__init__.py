@@ -8,15 +8,22 @@ Public API (torch only; ``emo.training``'s ``ObjectiveTrainer`` needs transforme
     ObjectiveLoss                                                         for transformers' Trainer, a model's own
                                                                           loss, TRL's SFTTrainer (emo.integrations)
     CostEmbedding, cost_embedding_from_model, load_cost_embedding         the transport-cost embeddings
+    __version__                                                           the emo-suite distribution's version
+
+``python -m emo`` reports the installation (versions, and a clash with the ``EMOLoss`` wheel: ``emo.installation``).
 """
+__version__ = "0.1.0"  # first: the modules imported below recognise emo-suite's package by it (emo.installation)
+
 from emo.cost import CostEmbedding, cost_embedding_from_model, load_cost_embedding
 from emo.fused import linear_lm_loss
+from emo.installation import warn_if_emoloss_installed
 from emo.integrations import ObjectiveLoss
 from emo.losses import EMOLoss, lm_loss
 from emo.modules import LinearLMLoss, LMLoss
 from emo.registry import get_objective, objective_names, register_objective
 
 OBJECTIVES = objective_names()
+warn_if_emoloss_installed()
 
 __all__ = [
     "EMOLoss",

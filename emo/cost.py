@@ -12,6 +12,12 @@ from typing import Optional, Union
 
 import torch
 
+from emo.installation import require_emo_suite_init
+
+# Every kernel and trainer module imports this one: they fail here, saying why, when another distribution's
+# emo/__init__.py replaced emo-suite's (the only place emo-suite's code still runs then).
+require_emo_suite_init()
+
 
 class CostEmbedding:
     """A validated, row-normalised fp32 cost embedding, ready for the loss kernels.

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-import baselines.objectives as baselines
+import emo.baselines.objectives as baselines
 import emo.objectives as emo_objectives
 
 TokenWeights = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]

@@ -126,7 +126,7 @@ class ObjectiveTrainer(Trainer):
     def __init__(self, *args, objective_loss: ObjectiveLoss, **kwargs):
         if not hasattr(Trainer, "_get_grad_norm"):
             raise ImportError("this transformers' Trainer has no _get_grad_norm, the hook of ObjectiveTrainer's "
-                              "divergence guard (transformers 5.24 has it)")
+                              "divergence guard: install emo-suite[transformers] (transformers>=5.10.1)")
         if "compute_loss_func" in kwargs:
             raise ValueError("ObjectiveTrainer sets compute_loss_func from objective_loss; pass only objective_loss")
         model = kwargs.get("model", args[0] if args else None)

@@ -16,6 +16,13 @@ if str(REPO_ROOT) not in sys.path:
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:
+    import emo  # noqa: F401
+except ModuleNotFoundError as error:  # `baselines/` is `emo.baselines` only through an install (pyproject package-dir)
+    if error.name != "emo.baselines":
+        raise
+    pytest.exit(f"{error}: install this checkout first: `make install`, or `{sys.executable} -m pip install --no-deps "
+                f"-e {REPO_ROOT}`", returncode=4)
 _DATASETS_CACHE = tempfile.mkdtemp(prefix="emo-test-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
 DATA_DIR = REPO_ROOT / "data"

@@ -195,7 +195,7 @@ def load_reference_emoloss():
     without it (and without PyPI) the calling test FAILS: the golden tests are part of the suite, not optional."""
     target = REFERENCE_DIR / "EMOLoss-0.0.3" / "emo" / "loss.py"
     if not target.exists():
-        with zipfile.ZipFile(_reference_wheel()) as wheel:
+        with zipfile.ZipFile(reference_emoloss_wheel()) as wheel:
             wheel.extract("emo/loss.py", target.parents[1])
     spec = importlib.util.spec_from_file_location("reference_emoloss_0_0_3", target)
     module = importlib.util.module_from_spec(spec)
@@ -203,7 +203,8 @@ def load_reference_emoloss():
     return module.EMOLoss
 
 
-def _reference_wheel() -> Path:
+def reference_emoloss_wheel() -> Path:
+    """The published ``EMOLoss==0.0.3`` wheel in ``.cache/reference`` (downloaded from PyPI if missing, else FAIL)."""
     wheel = REFERENCE_DIR / REFERENCE_WHEEL
     if not wheel.exists():
         REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
