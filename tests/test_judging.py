@@ -133,7 +133,10 @@ def test_cache_skips_a_torn_line_and_identical_answers_are_ties_without_a_reques
         judge_outputs([], reference, judge_cfg=fake_cfg(), cache_dir=None)
 
 
-def test_a_hub_reference_file_offline_fails_at_once_with_one_line(compose_cfg, tmp_path):
+def test_a_hub_reference_file_offline_fails_at_once_with_one_line_unless_cached(compose_cfg, tmp_path, monkeypatch,
+                                                                                data_dir):
+    import huggingface_hub.constants
+
     from experiments.judge import run
 
     cfg = compose_cfg("experiment=judge", "judge=fake", f"pairwise.model_outputs={tmp_path / 'model.json'}",
@@ -147,6 +150,17 @@ def test_a_hub_reference_file_offline_fails_at_once_with_one_line(compose_cfg, t
     message = str(error.value)
     assert message.startswith(f"Cannot read {url}: the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1)")
     assert "\n" not in message and not (tmp_path / "results").exists()
+
+    # in the Hugging Face cache (here a stand-in file under the pinned commit), the same run reads it offline
+    snapshot = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / url.split("@")[1].split("/")[0]
+    snapshot.mkdir(parents=True)
+    records = json.loads((data_dir / "alpaca" / "alpaca_gpt4_eval_20.json").read_text())
+    (snapshot / "alpaca_eval_gpt4_baseline.json").write_text(json.dumps(records))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "model.json").write_text(json.dumps([{**r, "output": "short", "generator": "m"} for r in records[:3]]))
+    metrics = run(cfg)
+    assert metrics["n_pairs"] == 3 and metrics["reference_generator"] == records[0]["generator"]
+    assert len(metrics["unmatched"]["missing_from_model"]) == 17
     with pytest.raises(ValueError, match="pin the Hub file to a commit"):
         load_outputs("hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json")
 

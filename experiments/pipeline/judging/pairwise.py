@@ -29,9 +29,11 @@ import json
 import logging
 import random
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from experiments.pipeline.judging.cache import JudgementCache, request_key
 from experiments.pipeline.judging.clients import build_judge
@@ -75,8 +77,9 @@ class Pair:
 
 
 def _local_file(path: str | Path) -> Path:
-    """`path`, or the local copy of an `hf://datasets/<owner>/<name>@<revision>/<file>` Hub file (downloaded once,
-    then read from the Hugging Face cache)."""
+    """`path`, or the local copy of an `hf://datasets/<owner>/<name>@<revision>/<file>` Hub file: from the Hugging Face
+    cache when it is there, else downloaded once. Offline (HF_HUB_OFFLINE) or with the Hub unreachable (checked with
+    one 5 s connection, not the client's minute of retries) it fails at once with one line."""
     match = HF_FILE.match(str(path))
     if not match:
         return Path(path)
@@ -85,13 +88,25 @@ def _local_file(path: str | Path) -> Path:
                          f"{match['path']}.")
     from huggingface_hub import constants, hf_hub_download
 
+    where = dict(repo_id=match["repo"], filename=match["path"], repo_type="dataset", revision=match["revision"])
     try:
-        return Path(hf_hub_download(match["repo"], match["path"], repo_type="dataset", revision=match["revision"]))
-    except Exception as error:  # offline flags, no route to the host, a missing file or revision: one clear line
-        why = ("the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1) and the file is not in the local cache"
-               if constants.HF_HUB_OFFLINE else f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-        raise OutputsUnavailableError(f"Cannot read {path}: {why}. Download it once online, or pass a local "
-                                      "AlpacaEval-format file instead.") from None
+        return Path(hf_hub_download(**where, local_files_only=True))
+    except Exception:  # not in the cache
+        pass
+    unavailable = f"Cannot read {path}: {{}}. Download it once online, or pass a local AlpacaEval-format file instead."
+    if constants.HF_HUB_OFFLINE:
+        raise OutputsUnavailableError(unavailable.format("the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1) "
+                                                         "and the file is not in the local cache"))
+    endpoint = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as error:
+        raise OutputsUnavailableError(unavailable.format(f"{endpoint.hostname} cannot be reached ({error})")) from None
+    try:
+        return Path(hf_hub_download(**where))
+    except Exception as error:  # a missing file or revision, a refused download: one clear line
+        reason = " ".join(str(error).split())[:300]
+        raise OutputsUnavailableError(unavailable.format(f"{type(error).__name__}: {reason}")) from None
 
 
 def load_outputs(path: str | Path) -> list[dict]:
