@@ -28,8 +28,9 @@ import pandas as pd
 from experiments.pipeline.run_groups import RunGroup, aggregate, group_runs, run_refs
 from experiments.pipeline.table_format import MISSING, Table, bold_best, empty_sources
 
-CAPTION = ("Pairwise win rate against the reference (%, wins + ties/2, ± standard error, or mean ± std over runs "
-           "that differ only in seeds; LC: length-controlled, AlpacaEval-style GLM fitted offline)")
+CAPTION = ("Pairwise win rate against the reference (%, the mean preference for the model: wins + ties/2 for "
+           "discrete verdicts; ± standard error, or mean ± std over runs that differ only in seeds; LC: "
+           "length-controlled, AlpacaEval-style GLM fitted offline)")
 ROW_KEYS = ("model", "objective", "objective_name", "objective_hparams", "generator", "generation.generator",
             "eval_instructions.reference_generator", "pairwise.model", "pairwise.objective", "pairwise.model_outputs",
             "pairwise.reference_outputs")
