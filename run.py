@@ -11,6 +11,7 @@ The composed config names its recipe (`recipe: module:function`); run.py imports
 
 import importlib
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -43,4 +44,8 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    # Before Hydra writes the overrides and the composed config to .hydra/*.yaml: no credential on the command line.
+    from experiments.pipeline.credentials import refuse_credential_overrides
+
+    refuse_credential_overrides(sys.argv[1:])
     main()

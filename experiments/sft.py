@@ -4,7 +4,8 @@ instruction set, and (with a `judge` config) judge the answers against the set's
 Steps: records -> tokenizer (right padding, `sft.model_max_length`) -> model, pad token added with mean-initialised
 rows -> response-only labels -> `ObjectiveTrainer` (the cost embedding is copied from the resized LM head) -> final
 model saved (gathered under FSDP) -> responses in AlpacaEval's format -> pairwise judging -> `results/<experiment>/
-<run-id>/` (`model_outputs.json`, `reference_outputs.json`, `judgements.jsonl`, metrics, manifest).
+<run-id>/` (`model_outputs.json`, `reference_outputs.json`, `judgements.jsonl`, AlpacaEval's `annotations.json` and
+`leaderboard.csv`, metrics, manifest).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.pipeline.instruct import (SupervisedCollator, add_pad_token, build_sft_dataset, generate_responses,
                                            load_instruction_records, load_sft_tokenizer, records_fingerprint,
                                            reference_outputs)
-from experiments.pipeline.judge_clients import build_judge
-from experiments.pipeline.judging import judge_outputs
+from experiments.pipeline.judging.clients import build_judge
+from experiments.pipeline.judging.pairwise import alpaca_eval_annotations, alpaca_eval_leaderboard, judge_outputs
 from experiments.pipeline.models import load_causal_lm
 from experiments.pipeline.records import build_manifest, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
@@ -89,13 +90,15 @@ def run(cfg: DictConfig) -> dict:
                   "world_size": trainer.args.world_size},
     }
     json_files = {"model_outputs.json": outputs}
-    jsonl = {}
+    jsonl, text_files = {}, {}
     if judge is not None:
         judgements, judge_metrics = judge_outputs(outputs, references, judge_cfg=cfg.judge, judge=judge,
                                                   cache_dir=cfg.paths.cache_dir,
                                                   show_progress=not cfg.trainer.disable_tqdm)
         metrics.update(judge_metrics)
         json_files["reference_outputs.json"] = references
+        json_files["annotations.json"] = alpaca_eval_annotations(judgements)
+        text_files["leaderboard.csv"] = alpaca_eval_leaderboard(judge_metrics, generator)
         jsonl["judgements.jsonl"] = judgements
     metrics["seconds"] = {"train": train_seconds, "generation": generation_seconds, "total": time.time() - started}
     manifest = build_manifest(
@@ -106,7 +109,7 @@ def run(cfg: DictConfig) -> dict:
                           "eval_instructions_sha256": records_fingerprint(eval_records),
                           "records": len(records), "eval_records": len(eval_records)})
     run_dir = write_run(cfg.paths.results_dir, cfg.experiment_name, run_id, metrics=metrics, manifest=manifest,
-                        jsonl=jsonl, json_files=json_files)
+                        jsonl=jsonl, json_files=json_files, text_files=text_files)
     log.info("%d responses by %s%s -> %s", len(outputs), generator,
              f", win rate {metrics['win_rate']:.3f}" if "win_rate" in metrics else "", run_dir)
     tracker.log_metrics(scalar_metrics(metrics))

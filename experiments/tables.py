@@ -9,7 +9,7 @@ run ids behind the cell), all written atomically (`experiments.pipeline.table_fo
 - Track 1 (`lm`, `experiments.pipeline.lm_table`): per model, `lm_mauve_<model>` and `lm_perplexity_<model>`
   (perplexity and diversity); rows = objectives, columns = corpora.
 - Track 2 (`icl`, `experiments.pipeline.icl_table`): `icl_accuracy`, accuracy per task and average, base-model rows.
-- Track 3 (`instruct`, `experiments.pipeline.winrate_table`): `instruct_winrate`, win rates per judge.
+- Track 3 (`instruct`, `experiments.pipeline.judging.table`): `instruct_winrate`, win rates per judge.
 - The demo (`demo`, `experiments.demo.report_table`): one table per experiment with oracle runs, named after it.
 
 Tables never merge different experiment setups (`experiments.pipeline.run_groups`): runs that differ only in their
@@ -32,7 +32,7 @@ from experiments.pipeline.lm_table import lm_tables
 from experiments.pipeline.records import load_runs
 from experiments.pipeline.run_groups import run_ref
 from experiments.pipeline.table_format import SOURCES_FILE, Table, write_table
-from experiments.pipeline.winrate_table import instruct_tables
+from experiments.pipeline.judging.table import instruct_tables
 
 
 def demo_tables(runs: Sequence[Mapping]) -> dict[str, Table]:

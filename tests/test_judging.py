@@ -1,5 +1,6 @@
-"""Judging harness: the published prompt templates, verdict parsers, matching by instruction, the on-disk cache, the
-fake and local transformers judges, `experiment=judge` end to end and the `instruct_winrate` table."""
+"""Judging harness: matching by instruction (strict, AlpacaEval's intersection), identical answers, the on-disk cache,
+the fake and local transformers judges in every template, Hub reference files offline, `experiment=judge` end to end
+with AlpacaEval's output files, and the `instruct_winrate` table."""
 
 from __future__ import annotations
 
@@ -9,43 +10,17 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.pipeline.judge_clients import FakeJudge, build_judge
-from experiments.pipeline.judge_templates import JudgeTemplate, parse_autoj, parse_pair_v2, parse_pandalm
-from experiments.pipeline.judging import (JudgementCache, PairingError, judge_outputs, judged_orders, load_outputs,
-                                          match_outputs)
+from experiments.pipeline.judging.cache import JudgementCache
+from experiments.pipeline.judging.clients import FakeJudge, build_judge
+from experiments.pipeline.judging.pairwise import (OutputsUnavailableError, PairingError, judge_outputs,
+                                                   judged_orders, load_outputs, match_outputs)
+from experiments.pipeline.judging.table import instruct_tables
+from experiments.pipeline.judging.templates import JudgeTemplate
 from experiments.pipeline.records import run_setup
-from experiments.pipeline.winrate_table import instruct_tables
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "conf" / "judge" / "template"
-
-# The published texts, as they appear in the sources named by each template config.
-FASTCHAT_PAIR_V2_SYSTEM = (
-    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
-    "user question displayed below. You should choose the assistant that follows the user's instructions and answers "
-    "the user's question better. Your evaluation should consider factors such as the helpfulness, relevance, "
-    "accuracy, depth, creativity, and level of detail of their responses. Begin your evaluation by comparing the two "
-    "responses and provide a short explanation. Avoid any positional biases and ensure that the order in which the "
-    "responses were presented does not influence your decision. Do not allow the length of the responses to "
-    "influence your evaluation. Do not favor certain names of the assistants. Be as objective as possible. After "
-    "providing your explanation, output your final verdict by strictly following this format: \"[[A]]\" if "
-    "assistant A is better, \"[[B]]\" if assistant B is better, and \"[[C]]\" for a tie.")
-FASTCHAT_PAIR_V2_USER = ("[User Question]\nQ?\n\n[The Start of Assistant A's Answer]\nfirst\n[The End of Assistant A's "
-                         "Answer]\n\n[The Start of Assistant B's Answer]\nsecond\n[The End of Assistant B's Answer]")
-PANDALM_NO_INPUT = ("Below are two responses for a given task. The task is defined by the Instruction. Evaluate the "
-                    "responses and generate a reference answer for the task.\n\n### Instruction:\nQ?\n\n"
-                    "### Response 1:\nfirst\n\n### Response 2:\nsecond\n\n### Evaluation:\n")
-PANDALM_INPUT = ("Below are two responses for a given task. The task is defined by the Instruction with an Input that "
-                 "provides further context. Evaluate the responses and generate a reference answer for the task.\n\n"
-                 "### Instruction:\nQ?\n\n### Input:\nctx\n\n### Response 1:\nfirst\n\n### Response 2:\nsecond\n\n"
-                 "### Evaluation:\n")
-AUTOJ = ("[INST] You are assessing two submitted responses on a given user's query and judging which response is "
-         "better or they are tied. Here is the data:\n\n[BEGIN DATA]\n***\n[Query]: Q?\n***\n[Response 1]: first\n"
-         "***\n[Response 2]: second\n***\n[END DATA]\n\nHere are the instructions to assess and compare the two "
-         "responses:\n\n1. Pinpoint the key factors to distinguish these two responses.\n2. Conclude your comparison "
-         "by providing a final decision on which response is better, or they are tied. Begin your final decision "
-         "statement with \"So, the final decision is Response 1 / Response 2 / Tie\". Ensure that your decision "
-         "aligns coherently with the comprehensive evaluation and comparison you've provided. [/INST]")
+ALL_TEMPLATES = ("pair_v2", "pandalm", "autoj", "weighted_alpaca_eval_gpt4_turbo", "alpaca_eval_gpt4")
 
 
 def template(name: str) -> JudgeTemplate:
@@ -64,55 +39,31 @@ def outputs(answers: dict[str, str], generator: str) -> list[dict]:
     return [{"instruction": i, "output": o, "generator": generator} for i, o in answers.items()]
 
 
-def test_templates_reproduce_the_published_prompts():
-    assert template("pair_v2").render("Q?", "", "first", "second") == (FASTCHAT_PAIR_V2_SYSTEM, FASTCHAT_PAIR_V2_USER)
-    assert template("pandalm").render("Q?", "", "first", "second") == (None, PANDALM_NO_INPUT)
-    assert template("pandalm").render("Q?", "ctx", " first</s> ", "<unk>second") == (None, PANDALM_INPUT)
-    assert template("autoj").render("Q?", "", "first", "second") == (None, AUTOJ)
-    system, prompt = template("pair_v2").render("Q?", "ctx", "a", "b")  # no input slot: the input joins the question
-    assert prompt.startswith("[User Question]\nQ?\n\nctx\n\n")
-
-
-def test_verdict_parsers():
-    assert parse_pair_v2("Explanation... [[A]]") == "A"
-    assert parse_pair_v2("[[C]]") == "tie"
-    assert parse_pair_v2('The format is "[[A]]" or "[[B]]". My verdict: [[B]]') == "B"  # the final tag counts
-    assert parse_pair_v2("A is better") is None and parse_pair_v2("[A]") is None
-    assert parse_pandalm("1\n\n### Reason: ...") == "A"
-    assert parse_pandalm("  2\n### Reason") == "B"
-    assert parse_pandalm("Tie\n\n### Reason: both fine") == "tie"
-    assert parse_pandalm("Response 1 is better") is None and parse_pandalm("") is None
-    assert parse_autoj("... So, the final decision is Response 1") == "A"
-    assert parse_autoj("final decision is response 2.") == "B"
-    assert parse_autoj("So, the final decision is Tie.") == "tie"
-    assert parse_autoj("I prefer Response 1") is None and parse_autoj("final decision is unclear") is None
-
-
-def test_template_configs_are_checked():
-    cfg = OmegaConf.to_container(OmegaConf.load(TEMPLATES / "pair_v2.yaml"))
-    with pytest.raises(ValueError, match="unknown parser"):
-        JudgeTemplate.from_cfg({**cfg, "parser": "nope"})
-    with pytest.raises(ValueError, match="reads verdict_text"):
-        JudgeTemplate.from_cfg({**cfg, "verdict_text": {"A": "[[B]]", "B": "[[B]]", "tie": "[[C]]"}})
-    with pytest.raises(ValueError, match="unknown keys"):
-        JudgeTemplate.from_cfg({**cfg, "sytem": "typo"})
-
-
-def test_matching_by_instruction_and_clear_errors():
+def test_matching_by_instruction_strict_and_intersection(caplog):
     model = outputs({"b": "B1", "a": "A1"}, "m")
     reference = outputs({"a": "A0", "b": "B0"}, "r")
-    pairs = match_outputs(model, reference)
+    pairs, unmatched = match_outputs(model, reference)
     assert [(p.instruction, p.output, p.reference_output) for p in pairs] == [("b", "B1", "B0"), ("a", "A1", "A0")]
     assert pairs[0].generator == "m" and pairs[0].reference_generator == "r"
-    bad_model = outputs({"a": "x", "only in model": "y"}, "m") + outputs({"a": "dup"}, "m")
+    assert unmatched == {"missing_from_reference": [], "missing_from_model": []}
+    partial = outputs({"a": "x", "only in model": "y"}, "m") + outputs({"a": "x"}, "m")  # a repeat, same output
     with pytest.raises(PairingError) as error:
-        match_outputs(bad_model, reference)
+        match_outputs(partial, reference, "strict")
     message = str(error.value)
-    assert "1 instruction(s) duplicated in the model outputs" in message
-    assert "1 instruction(s) missing from the reference outputs:\n    - only in model" in message
-    assert "1 instruction(s) missing from the model outputs:\n    - b" in message
+    assert "1 instruction(s) missing from reference outputs:\n    - only in model" in message
+    assert "1 instruction(s) missing from model outputs:\n    - b" in message
+    pairs, unmatched = match_outputs(partial, reference, "intersection")  # AlpacaEval's inner join, with a warning
+    assert [p.instruction for p in pairs] == ["a"] and "missing from model outputs:\n    - b" in caplog.text
+    assert unmatched == {"missing_from_reference": [{"instruction": "only in model"}],
+                         "missing_from_model": [{"instruction": "b"}]}
+    with pytest.raises(PairingError, match="different outputs"):
+        match_outputs(outputs({"a": "x"}, "m") + outputs({"a": "y"}, "m"), reference, "intersection")
+    with pytest.raises(PairingError, match="none in common"):
+        match_outputs(outputs({"z": "x"}, "m"), reference, "intersection")
     with pytest.raises(PairingError, match="mix generators"):
         match_outputs(outputs({"a": "1"}, "m") + outputs({"b": "2"}, "n"), reference)
+    with pytest.raises(ValueError, match="pairwise.match"):
+        match_outputs(model, reference, "left")
 
 
 def test_load_outputs_json_and_jsonl(tmp_path):
@@ -131,10 +82,11 @@ def test_load_outputs_json_and_jsonl(tmp_path):
 def test_fake_judge_in_every_template_format():
     model = outputs({"q1": "long answer", "q2": "s", "q3": "same"}, "m")
     reference = outputs({"q1": "short", "q2": "longer", "q3": "same"}, "r")
-    for name in ("pair_v2", "pandalm", "autoj"):
+    for name in ALL_TEMPLATES:
         judgements, metrics = judge_outputs(model, reference, judge_cfg=fake_cfg(template_name=name), cache_dir=None)
         assert [j["outcome"] for j in judgements] == ["win", "loss", "tie"], name
         assert metrics["template"] == template(name).name and metrics["unparseable"] == 0
+        assert metrics["positions"] == template(name).positions and metrics["identical"] == 1
 
 
 def test_hash_rule_is_position_dependent_and_random_swap_is_seeded():
@@ -142,7 +94,7 @@ def test_hash_rule_is_position_dependent_and_random_swap_is_seeded():
     model, reference = outputs(answers, "m"), outputs({k: v + "!" for k, v in answers.items()}, "r")
     _, metrics = judge_outputs(model, reference, judge_cfg=fake_cfg("hash"), cache_dir=None)
     assert metrics["inconsistent"] > 0 and metrics["wins"] + metrics["ties"] + metrics["losses"] == 40
-    pairs = match_outputs(model, reference)
+    pairs, _ = match_outputs(model, reference)
     orders = [judged_orders(p, "random_swap", 0)[0] for p in pairs]
     assert orders == [judged_orders(p, "random_swap", 0)[0] for p in pairs]
     assert 10 < orders.count("reference_first") < 30  # about half swapped
@@ -151,7 +103,7 @@ def test_hash_rule_is_position_dependent_and_random_swap_is_seeded():
         judged_orders(pairs[0], "one", 0)
 
 
-def test_cache_skips_a_torn_line_and_identical_answers_are_judged_once(tmp_path):
+def test_cache_skips_a_torn_line_and_identical_answers_are_ties_without_a_request(tmp_path):
     judge = build_judge(fake_cfg())
     calls = []
 
@@ -162,21 +114,55 @@ def test_cache_skips_a_torn_line_and_identical_answers_are_judged_once(tmp_path)
 
     counting = CountingJudge(fake_cfg(), judge.template)
     model, reference = outputs({"a": "x", "b": "same"}, "m"), outputs({"a": "xy", "b": "same"}, "r")
-    judge_outputs(model, reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
-    assert calls == [3]  # "b" has identical answers: both orders are one prompt
+    judgements, _ = judge_outputs(model, reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
+    assert calls == [2]  # "b" has identical answers: a tie, no request (AlpacaEval: preference 1.5)
+    same = judgements[1]
+    assert (same["outcome"], same["score"], same["identical"], same["verdicts"]) == ("tie", 0.5, True, [])
     (cache_file,) = (tmp_path / "judgements").iterdir()
     with open(cache_file, "a") as handle:
         handle.write('{"key": "trunc')  # a job killed mid-write
-    cache = JudgementCache(tmp_path / "judgements", counting.name, counting.identity, counting.template)
-    assert cache.path == cache_file and sum(1 for line in cache_file.read_text().splitlines()) == 4
+    cache = JudgementCache(tmp_path / "judgements", counting.identity)
+    assert cache.path == cache_file and sum(1 for line in cache_file.read_text().splitlines()) == 3
     _, metrics = judge_outputs(model, reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
-    assert calls == [3, 0] and metrics["requests"]["sent"] == 0 and metrics["requests"]["cached"] == 3
+    assert calls == [2, 0] and metrics["requests"]["sent"] == 0 and metrics["requests"]["cached"] == 2
     more_model, more_reference = model + outputs({"c": "new"}, "m"), reference + outputs({"c": "newer"}, "r")
     judge_outputs(more_model, more_reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
     judge_outputs(more_model, more_reference, judge_cfg=fake_cfg(), cache_dir=tmp_path, judge=counting)
-    assert calls == [3, 0, 2, 0], "an entry appended after a torn line must be readable"
+    assert calls == [2, 0, 2, 0], "an entry appended after a torn line must be readable"
     with pytest.raises(PairingError, match="empty"):
         judge_outputs([], reference, judge_cfg=fake_cfg(), cache_dir=None)
+
+
+def test_a_hub_reference_file_offline_fails_at_once_with_one_line_unless_cached(compose_cfg, tmp_path, monkeypatch,
+                                                                                data_dir):
+    import huggingface_hub.constants
+
+    from experiments.judge import run
+
+    cfg = compose_cfg("experiment=judge", "judge=fake", f"pairwise.model_outputs={tmp_path / 'model.json'}",
+                      f"paths.results_dir={tmp_path / 'results'}", f"paths.output_dir={tmp_path / 'out'}")
+    url = cfg.pairwise.reference_outputs
+    assert url == ("hf://datasets/tatsu-lab/alpaca_eval@2955709b93b0e08df511a752a3874b0a89b8910b/"
+                   "alpaca_eval_gpt4_baseline.json")
+    (tmp_path / "model.json").write_text(json.dumps(outputs({"q": "a"}, "m")))
+    with pytest.raises(OutputsUnavailableError) as error:
+        run(cfg)
+    message = str(error.value)
+    assert message.startswith(f"Cannot read {url}: the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1)")
+    assert "\n" not in message and not (tmp_path / "results").exists()
+
+    # in the Hugging Face cache (here a stand-in file under the pinned commit), the same run reads it offline
+    snapshot = tmp_path / "hub" / "datasets--tatsu-lab--alpaca_eval" / "snapshots" / url.split("@")[1].split("/")[0]
+    snapshot.mkdir(parents=True)
+    records = json.loads((data_dir / "alpaca" / "alpaca_gpt4_eval_20.json").read_text())
+    (snapshot / "alpaca_eval_gpt4_baseline.json").write_text(json.dumps(records))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "model.json").write_text(json.dumps([{**r, "output": "short", "generator": "m"} for r in records[:3]]))
+    metrics = run(cfg)
+    assert metrics["n_pairs"] == 3 and metrics["reference_generator"] == records[0]["generator"]
+    assert len(metrics["unmatched"]["missing_from_model"]) == 17
+    with pytest.raises(ValueError, match="pin the Hub file to a commit"):
+        load_outputs("hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json")
 
 
 def test_judge_configs_compose(compose_cfg):
@@ -258,13 +244,27 @@ def test_experiment_judge_end_to_end_and_the_table(tmp_path, compose_cfg):
     assert json.loads((run_dir / "metrics.json").read_text()) == emo
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["config"]["judge"]["kind"] == "fake" and manifest["data_fingerprint"]["model_outputs"]["rows"] == 3
+    annotations = json.loads((run_dir / "annotations.json").read_text())  # AlpacaEval's format: output_1 the reference
+    assert [(a["preference"], a["generator_1"], a["generator_2"]) for a in annotations] == [
+        (2.0, "gpt4", "emo"), (1.0, "gpt4", "emo"), (1.0, "gpt4", "emo")]
+    assert annotations[0]["output_2"] == "a long answer" and annotations[0]["raw_completion"] == ["[[A]]", "[[B]]"]
+    assert (run_dir / "leaderboard.csv").read_text().splitlines() == [
+        ",win_rate,standard_error,avg_length,n_wins,n_wins_base,n_draws,n_total,discrete_win_rate,"
+        "length_controlled_winrate,lc_standard_error",
+        f"tiny,{100 * emo['win_rate']},{100 * emo['win_rate_se']},6,1,2,0,3,{100 * emo['discrete_win_rate']},,"]
+    assert emo["win_rate"] == emo["discrete_win_rate"] == pytest.approx(1 / 3)
 
     first_two = run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'emo.json'}",
                                 "pairwise.max_instructions=2", "run_id=first_two"))
     assert first_two["n_pairs"] == 2 and first_two["requests"]["sent"] == 0  # cached by the first run
-    with pytest.raises(PairingError, match="missing from the reference outputs"):
-        (tmp_path / "extra.json").write_text(json.dumps(outputs({"q1": "a", "q9": "b"}, "x")))
-        run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'extra.json'}"))
+    (tmp_path / "extra.json").write_text(json.dumps(outputs({"q1": "a", "q9": "b"}, "x")))
+    with pytest.raises(PairingError, match="missing from reference outputs"):
+        run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'extra.json'}", "pairwise.match=strict"))
+    partial = run(compose_cfg(*common, f"pairwise.model_outputs={tmp_path / 'extra.json'}",
+                              f"paths.results_dir={tmp_path / 'other_results'}"))  # intersection, the default
+    assert partial["n_pairs"] == 1 and partial["unmatched"] == {"missing_from_reference": [{"instruction": "q9"}],
+                                                                "missing_from_model": [{"instruction": "q2"},
+                                                                                       {"instruction": "q3"}]}
 
     assert tables_main(["--results-dir", str(tmp_path / "results"), "--experiment", "judge"]) == 0
     table = (tmp_path / "results" / "tables" / "instruct_winrate.md").read_text()
@@ -335,8 +335,8 @@ def test_table_keeps_setups_apart_and_pools_seeds(compose_cfg):
     assert cells.shape == (1, 4) and list(cells.index) == ["tiny_llama / mle vs gpt4"]
     hot = _judged_sft_run(compose_cfg, "6", "judge.temperature=0.7", win_rate=0.55)
     _, cells, _ = instruct_tables([greedy, hot])["instruct_winrate"][:3]
-    assert list(cells.index) == ["tiny_llama / mle vs gpt4 (judge.temperature=0.0)",
-                                 "tiny_llama / mle vs gpt4 (judge.temperature=0.7)"]
+    assert list(cells.index) == ["tiny_llama / mle vs gpt4 (judge.temperature=0.7)",
+                                 "tiny_llama / mle vs gpt4 (judge.temperature=null)"]  # null: the template's
     emo = _judged_sft_run(compose_cfg, "7", "objective=sft/emo", win_rate=0.55)
     _, cells, _ = instruct_tables([greedy, emo])["instruct_winrate"][:3]  # the row label already names the objective
     assert sorted(cells.index) == ["tiny_llama / emo vs gpt4", "tiny_llama / mle vs gpt4"]

@@ -9,9 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from experiments.pipeline.judging import combine, summarize
-from experiments.pipeline.winrate import (estimate_instruction_difficulty, length_controlled_win_rate,
-                                          outcome_counts, standardised_length_difference, win_rate)
+from experiments.pipeline.judging.pairwise import combine, summarize
+from experiments.pipeline.judging.winrate import (estimate_instruction_difficulty, instruction_folds,
+                                                  length_controlled_win_rate, outcome_counts,
+                                                  standardised_length_difference, win_rate)
+
+SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0, "unparseable": None}
 
 
 def rows(outcomes, model_lengths=None, reference_lengths=None):
@@ -19,9 +22,9 @@ def rows(outcomes, model_lengths=None, reference_lengths=None):
     n = len(outcomes)
     model_lengths = model_lengths or [10] * n
     reference_lengths = reference_lengths or [10] * n
-    return [{"instruction": f"q{i}", "outcome": o, "inconsistent": False, "output": "m" * ml,
+    return [{"instruction": f"q{i}", "outcome": o, "score": SCORES[o], "inconsistent": False, "output": "m" * ml,
              "reference_output": "r" * rl,
-             "verdicts": [{"order": "model_first", "verdict": None if o == "unparseable" else "A"}]}
+             "verdicts": [{"order": "model_first", "failure": "unparseable" if o == "unparseable" else None}]}
             for i, (o, ml, rl) in enumerate(zip(outcomes, model_lengths, reference_lengths))]
 
 
@@ -39,17 +42,18 @@ def test_win_rate_and_standard_error_by_hand():
 
 
 def test_outcome_counts_and_combination_of_orders():
-    assert outcome_counts(["win", "win", "tie", "loss", "unparseable"]) == {"wins": 2, "ties": 1, "losses": 1,
-                                                                            "unparseable": 1}
+    assert outcome_counts(["win", "win", "tie", "loss", "unparseable", "skipped"]) == {
+        "wins": 2, "ties": 1, "losses": 1, "unparseable": 1, "skipped": 1}
     with pytest.raises(ValueError, match="Unknown outcome"):
         outcome_counts(["draw"])
-    assert combine(["win", "win"]) == ("win", False)
-    assert combine(["loss", "loss"]) == ("loss", False)
-    assert combine(["tie", "tie"]) == ("tie", False)
-    assert combine(["win", "loss"]) == ("tie", True)  # position bias: a tie (FastChat "inconsistent")
-    assert combine(["win", "tie"]) == ("tie", True)
-    assert combine(["win", None]) == ("unparseable", False)
-    assert combine(["loss"]) == ("loss", False)  # random_swap: one order
+    assert combine([1.0, 1.0], discrete=True) == (1.0, False)
+    assert combine([0.0, 0.0], discrete=True) == (0.0, False)
+    assert combine([0.5, 0.5], discrete=True) == (0.5, False)
+    assert combine([1.0, 0.0], discrete=True) == (0.5, True)  # position bias: a tie (FastChat "inconsistent")
+    assert combine([1.0, 0.5], discrete=True) == (0.5, True)
+    assert combine([0.0], discrete=True) == (0.0, False)  # random_swap: one order
+    assert combine([0.9, 0.3], discrete=False) == (pytest.approx(0.6), True)  # continuous: the mean
+    assert combine([0.9, 0.7], discrete=False) == (pytest.approx(0.8), False)
 
 
 def test_summarize_excludes_or_ties_unparseable_pairs():
@@ -58,7 +62,8 @@ def test_summarize_excludes_or_ties_unparseable_pairs():
     assert (excluded["wins"], excluded["losses"], excluded["ties"], excluded["unparseable"]) == (2, 1, 1, 1)
     assert excluded["n_judged"] == 4 and excluded["n_pairs"] == 5
     assert excluded["win_rate"] == pytest.approx((2 + 0.5) / 4)
-    assert excluded["unparseable_pairs"] == [{"instruction": "q4", "orders": ["model_first"]}]
+    assert excluded["unparseable_pairs"] == [{"instruction": "q4", "orders": {"model_first": "unparseable"}}]
+    assert excluded["discrete_win_rate"] == excluded["win_rate"]
     as_tie = summarize(judged, unparseable="tie")
     assert as_tie["n_judged"] == 5 and as_tie["win_rate"] == pytest.approx((2 + 1.0) / 5)
     with pytest.raises(ValueError, match="unparseable"):
@@ -68,6 +73,16 @@ def test_summarize_excludes_or_ties_unparseable_pairs():
 def test_standardised_length_difference():
     np.testing.assert_allclose(standardised_length_difference([3, 1], [1, 3]), [2 / math.sqrt(8), -2 / math.sqrt(8)])
     np.testing.assert_array_equal(standardised_length_difference([5, 5], [1, 1]), [0, 0])  # no spread: no signal
+
+
+def test_folds_are_alpaca_evals_group_k_fold():
+    from sklearn.model_selection import GroupKFold
+
+    folds = instruction_folds(12, 5)
+    groups = np.r_[np.arange(12), np.arange(12)]  # AlpacaEval's soft labels: each instruction twice, one group
+    for fold, (_, test) in enumerate(GroupKFold(n_splits=5).split(np.zeros(24), groups=groups)):
+        assert sorted(set(groups[test])) == sorted(np.flatnonzero(folds == fold))
+    assert sorted(np.bincount(folds)) == [2, 2, 2, 3, 3]
 
 
 def test_length_controlled_equals_raw_without_length_differences():
@@ -113,6 +128,10 @@ def test_length_controlled_with_instruction_difficulty():
                                         Cs=[1e6])
     assert result["win_rate"] == pytest.approx(0.5, abs=1e-3)
     assert result["weights"]["instruction_difficulty"] == pytest.approx(-math.log(9), abs=1e-2)
+    # AlpacaEval's lc_standard_error: the sem of the per-instruction predictions, here 0.9 and 0.1 half each
+    assert result["win_rate_se"] == pytest.approx(np.std(preference, ddof=1) / math.sqrt(n), abs=1e-3)
+    without = length_controlled_win_rate(preference, lengths, 100 * np.ones(n), Cs=[1e6])
+    assert without["win_rate_se"] == pytest.approx(0.0, abs=1e-12)  # one prediction for every instruction
     with pytest.raises(ValueError, match="finite"):
         length_controlled_win_rate(preference, lengths, lengths, instruction_difficulty=difficulty[:3])
 

@@ -32,6 +32,7 @@ def test_sft_tiny_trains_generates_judges_and_tabulates(compose_cfg, tmp_path, d
     assert all(set(o) >= {"instruction", "output", "generator"} and o["generator"] == "tiny_llama_mle" for o in outputs)
     assert [r["output"] for r in references] == [e["output"] for e in evals]
     assert len(judgements) == 4 and all(len(j["verdicts"]) == 2 for j in judgements)  # both orders
+    assert len(json.loads((run_dir / "annotations.json").read_text())) == 4 and (run_dir / "leaderboard.csv").is_file()
 
     # the fake judge prefers the longer answer: the 16-token responses lose to the GPT-4 answers
     assert metrics["judge"] == "fake-longer" and (metrics["wins"], metrics["ties"], metrics["losses"]) == (0, 0, 4)
@@ -99,7 +100,7 @@ def test_two_process_run_keeps_the_global_batch_and_rank_zero_writes(tmp_path):
 def test_judge_problems_fail_before_training(compose_cfg, tmp_path, monkeypatch):
     """No API key for OpenAI, or an evaluation set without reference answers: an error before any training step."""
     from experiments.pipeline.instruct import InstructionDataError
-    from experiments.pipeline.judge_clients import JudgeConfigError
+    from experiments.pipeline.judging.clients import JudgeConfigError
 
     common = ["experiment=sft_tiny", f"paths.results_dir={tmp_path / 'results'}", f"paths.output_dir={tmp_path / 'o'}"]
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

@@ -277,11 +277,12 @@ def require_new_run(root: str | Path, experiment: str, run_id: str) -> None:
 
 def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mapping, manifest: Mapping,
               jsonl: Mapping[str, Iterable[Mapping]] | None = None, json_files: Mapping[str, object] | None = None,
-              ) -> Path:
+              text_files: Mapping[str, str] | None = None) -> Path:
     """Write one run atomically to `root/experiment/run_id/` and return that directory.
 
     Always `metrics.json` and `manifest.json`; `jsonl` maps file names to rows (e.g. `generations.jsonl`,
-    `predictions.jsonl`), `json_files` maps file names to JSON values (e.g. AlpacaEval-format outputs).
+    `predictions.jsonl`), `json_files` maps file names to JSON values (e.g. AlpacaEval-format outputs), `text_files`
+    file names to their text (e.g. AlpacaEval's `leaderboard.csv`).
     """
     parent = Path(root) / experiment
     parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +293,8 @@ def write_run(root: str | Path, experiment: str, run_id: str, *, metrics: Mappin
         documents = {METRICS_FILE: metrics, MANIFEST_FILE: manifest, **(json_files or {})}
         for name, value in documents.items():
             (tmp / name).write_text(json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text)
         for name, rows in (jsonl or {}).items():
             with open(tmp / name, "w") as fh:
                 for row in rows:

@@ -13,7 +13,8 @@ hyper-parameters, the number of judged pairs, ...) get their own rows, labelled 
 files) label only rows that would otherwise share a name. Runs of different experiments (`judge`, `sft_tiny`, ...)
 are labelled among themselves (an SFT run's own judge and a later `experiment=judge` of its outputs share the row);
 a row name that two experiments use in the same judge column gets `[experiment]` appended. The CSV holds the
-numbers: win rate, `se` (the ± of the cell), LC win rate, counts summed over pooled runs, and `runs`.
+numbers: win rate, `se` (the ± of the cell), LC win rate and `lc_se` (AlpacaEval's `lc_standard_error` for one run,
+the std over pooled runs), counts summed over pooled runs, and `runs`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import pandas as pd
 from experiments.pipeline.run_groups import RunGroup, aggregate, group_runs, run_refs
 from experiments.pipeline.table_format import MISSING, Table, bold_best, empty_sources
 
-CAPTION = ("Pairwise win rate against the reference (%, wins + ties/2, ± standard error, or mean ± std over runs "
-           "that differ only in seeds; LC: length-controlled, AlpacaEval-style GLM fitted offline)")
+CAPTION = ("Pairwise win rate against the reference (%, the mean preference for the model: wins + ties/2 for "
+           "discrete verdicts; ± standard error, or mean ± std over runs that differ only in seeds; LC: "
+           "length-controlled, AlpacaEval-style GLM fitted offline)")
 ROW_KEYS = ("model", "objective", "objective_name", "objective_hparams", "generator", "generation.generator",
             "eval_instructions.reference_generator", "pairwise.model", "pairwise.objective", "pairwise.model_outputs",
             "pairwise.reference_outputs")
@@ -42,7 +44,7 @@ COUNTS = ("wins", "ties", "losses", "unparseable", "n_judged")
 
 
 def is_judged(run: Mapping) -> bool:
-    """Whether a run's metrics hold judging results (`experiments.pipeline.judging.judge_outputs`)."""
+    """Whether a run's metrics hold judging results (`experiments.pipeline.judging.pairwise.judge_pairs`)."""
     return all(key in run for key in ("win_rate", "reference_generator", "judge", "template"))
 
 
@@ -122,7 +124,9 @@ def instruct_tables(runs: Sequence[Mapping]) -> dict[str, Table]:
         lc_runs = [run for run in group.runs if (run.get("length_controlled") or {}).get("win_rate") is not None]
         lcs = [100.0 * float(run["length_controlled"]["win_rate"]) for run in lc_runs]
         lc = statistics.fmean(lcs) if lcs else None
-        numbers = {"win_rate": rate, "se": spread, "lc_win_rate": lc, "runs": n_runs,
+        lc_se = (statistics.stdev(lcs) if len(lcs) > 1 else
+                 100.0 * float(lc_runs[0]["length_controlled"].get("win_rate_se") or 0.0) if lcs else None)
+        numbers = {"win_rate": rate, "se": spread, "lc_win_rate": lc, "lc_se": lc_se, "runs": n_runs,
                    **{name: sum(run.get(name) or 0 for run in group.runs) for name in COUNTS}}
         for name, number in numbers.items():
             values.loc[row, f"{judge} {name}"] = number
