@@ -339,7 +339,7 @@ def test_table_keeps_setups_apart_and_pools_seeds(compose_cfg):
                                  "tiny_llama / mle vs gpt4 (judge.temperature=null)"]  # null: the template's
     emo = _judged_sft_run(compose_cfg, "7", "objective=sft/emo", win_rate=0.55)
     _, cells, _ = instruct_tables([greedy, emo])["instruct_winrate"][:3]  # the row label already names the objective
-    assert sorted(cells.index) == ["tiny_llama / emo vs gpt4", "tiny_llama / mle vs gpt4"]
+    assert sorted(cells.index) == ["tiny_llama / mle vs gpt4", "tiny_llama / sft/emo vs gpt4"]
 
 
 def test_judge_refuses_a_recorded_run_id_before_judging(tmp_path, compose_cfg):
