@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     model = load_causal_lm(cfg.model, tokenizer)
 
     loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding,
-                          cost_revision=cfg.model.cost_embedding_revision, device=args.device,
+                          cost_revision=cfg.model.get("cost_embedding_revision"), device=args.device,
                           fsdp=bool(args.fsdp))
     model = apply_adapter(model, cfg.adapter, base_name=cfg.model.name_or_path or cfg.model.name)
     parameters = parameter_counts(model)

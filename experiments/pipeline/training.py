@@ -147,7 +147,7 @@ def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, train_dataset, eva
     args = args or training_arguments(cfg.trainer, output_dir=output_dir, report_to=report_to or [], seed=cfg.seed,
                                       run_name=run_name)
     loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding,
-                          cost_revision=cfg.model.cost_embedding_revision, device=args.device,
+                          cost_revision=cfg.model.get("cost_embedding_revision"), device=args.device,
                           fsdp=bool(args.fsdp))
     return ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=train_dataset,
                             eval_dataset=eval_dataset,
