@@ -3,6 +3,7 @@
     python run.py experiment=lm_gpt2 objective=emo data=wikitext2
     python run.py -m experiment=lm_gpt2 objective=mle,mixce,tailr,emo data=ptb
     python run.py experiment=lm_tiny --cfg job      # print the composed config
+    python run.py experiment=icl_eval model=llama7b preflight=true   # check every Hub resource it needs, then exit
     torchrun --nproc_per_node 4 run.py experiment=sft_alpaca model=llama7b          # DDP/FSDP on one node
     python run.py -m hydra/launcher=slurm experiment=cft_lora objective=mle,cft/emo2   # SLURM via submitit
 
@@ -36,7 +37,12 @@ def export_slurm_distributed_env() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    """Run the configured recipe and return its metrics (the value Hydra's sweepers see)."""
+    """Run the configured recipe and return its metrics (the value Hydra's sweepers see); with `preflight=true`, only
+    check the remote resources it needs, print the table and exit (non-zero if any row is not ok)."""
+    if cfg.preflight:
+        from experiments.pipeline.preflight import report
+
+        sys.exit(report(cfg))
     export_slurm_distributed_env()
     module_name, _, function_name = cfg.recipe.partition(":")
     recipe = getattr(importlib.import_module(module_name), function_name)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.pipeline.icl import (build_retriever, load_task, openicl_reference, score_prompts,  # noqa: E402
                                       summarize, task_prompts)
-from experiments.pipeline.models import load_model_for_eval, load_tokenizer  # noqa: E402
+from experiments.pipeline.models import load_model_for_eval, model_tokenizer  # noqa: E402
 
 
 def ours(model, tokenizer, task, icl_cfg, cache_dir, batch_size, share_prefix):
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     icl_cfg = OmegaConf.to_container(cfg.icl, resolve=True)
     icl_cfg["inference"]["batch_size"] = args.batch_size
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+    tokenizer = model_tokenizer(cfg.model)
     model, source = load_model_for_eval(OmegaConf.to_container(cfg.model, resolve=True), tokenizer, device="auto")
     print(f"model {args.model} ({source['dtype']}, {source['device']}), torch threads {torch.get_num_threads()}, "
           f"{icl_cfg['ice_num']} shots, batch {args.batch_size}, best of {args.repeats} for warm/no-share")

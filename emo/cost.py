@@ -97,9 +97,11 @@ def cost_embedding_from_model(model: torch.nn.Module) -> CostEmbedding:
     return CostEmbedding(output_embedding(model).weight.detach().clone())
 
 
-def load_cost_embedding(source: Union[str, os.PathLike], vocab_size: Optional[int] = None) -> CostEmbedding:
-    """Load a cost embedding from a ``.pt``/``.safetensors``/``.npy`` file, or from a model (local path or hub id)
-    whose LM head is copied (e.g. a larger model of the same tokenizer family, as the paper did for some runs).
+def load_cost_embedding(source: Union[str, os.PathLike], vocab_size: Optional[int] = None, *,
+                        revision: Optional[str] = None) -> CostEmbedding:
+    """Load a cost embedding from a ``.pt``/``.safetensors``/``.npy`` file, or from a model (local directory or Hub id,
+    at ``revision``) whose LM head is copied (e.g. a larger model of the same tokenizer family, as the paper did for
+    some runs).
 
     ``vocab_size``, when given, must match the embedding's number of rows.
     """
@@ -119,10 +121,8 @@ def load_cost_embedding(source: Union[str, os.PathLike], vocab_size: Optional[in
     else:
         from transformers import AutoModelForCausalLM
 
-        from emo.hub import ensure_model_available
-
-        ensure_model_available("cost-embedding model", str(source), "Pass a local model directory or a weight file.")
-        weight = AutoModelForCausalLM.from_pretrained(str(source)).get_output_embeddings().weight
+        model = AutoModelForCausalLM.from_pretrained(str(source), revision=revision)
+        weight = model.get_output_embeddings().weight
     embedding = CostEmbedding(weight)
     if vocab_size is not None and embedding.vocab_size != vocab_size:
         raise ValueError(

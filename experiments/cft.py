@@ -1,7 +1,8 @@
 """Track 2 recipe: continual fine-tuning of a causal LM (LoRA, or every weight with FSDP) with one objective, then
 few-shot in-context evaluation of the fine-tuned model in the same job.
 
-Steps: TrainingArguments first (FSDP without GPUs, fp16 on CPU and unknown ICL tasks fail here, before any download)
+Steps: TrainingArguments first (FSDP without GPUs, fp16 on CPU, unknown ICL tasks and ICL data, retriever or Hub
+resources that cannot be read (`preflight.require`) fail here, before any download)
 -> corpus -> training budget (`cft.train_budget`: the first N sentences or N packed blocks, `pipeline.train_budget`)
 -> model -> objective loss with its cost embedding taken from the model's initial head (or `model.cost_embedding`)
 BEFORE the adapter is applied -> adapter (`adapter=lora` | `none`) -> `ObjectiveTrainer`, resuming from the last
@@ -27,7 +28,8 @@ from emo.training import ObjectiveTrainer
 from experiments.pipeline.adapters import apply_adapter, parameter_counts, save_fine_tuned
 from experiments.pipeline.data import blocks_fingerprint, load_text_splits, pack_blocks
 from experiments.pipeline.distributed import world_size
-from experiments.pipeline.models import load_causal_lm, load_tokenizer
+from experiments.pipeline.models import load_causal_lm, model_tokenizer
+from experiments.pipeline.preflight import require
 from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker
 from experiments.pipeline.train_budget import budget_blocks
@@ -45,10 +47,11 @@ def run(cfg: DictConfig) -> dict:
         return opened.recorded
     output_dir, run_id = opened.output_dir, opened.run_id
     icl_cfg = OmegaConf.to_container(cfg.icl, resolve=True) if cfg.cft.evaluate else None
-    if icl_cfg is not None:
+    if icl_cfg is not None:  # what the ICL phase reads, checked before any training
         from experiments.pipeline.icl import task_names
 
         task_names(icl_cfg)
+        require(cfg, ["icl"])
     tracker = make_tracker(cfg.tracker, run_name=run_id, config=OmegaConf.to_container(cfg, resolve=True),
                            directory=output_dir)
     args = training_arguments(cfg.trainer, output_dir=opened.checkpoints, report_to=tracker.report_to, seed=cfg.seed,
@@ -57,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
 
     with args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others then read them
         texts = load_text_splits(cfg.data)
-        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+        tokenizer = model_tokenizer(cfg.model)
         blocks = {"train": None, "validation": None}
         blocks["train"], budget = budget_blocks(texts["train"], tokenizer, cfg.cft.train_budget,
                                                 block_size=cfg.data.block_size, batch_texts=cfg.data.pack_batch_texts)
@@ -67,7 +70,8 @@ def run(cfg: DictConfig) -> dict:
                                                max_blocks=(cfg.data.max_blocks or {}).get("validation"))
     model = load_causal_lm(cfg.model, tokenizer)
 
-    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device,
+    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding,
+                          cost_revision=cfg.model.get("cost_embedding_revision"), device=args.device,
                           fsdp=bool(args.fsdp))
     model = apply_adapter(model, cfg.adapter, base_name=cfg.model.name_or_path or cfg.model.name)
     parameters = parameter_counts(model)

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.pipeline.distributed import is_main_process
 from experiments.pipeline.icl import evaluate_icl, load_task, openicl_reference, task_names
-from experiments.pipeline.models import load_model_for_eval, load_tokenizer
+from experiments.pipeline.models import load_model_for_eval, model_tokenizer
+from experiments.pipeline.preflight import require
 from experiments.pipeline.records import SCHEMA_VERSION, build_manifest, sha256_texts, start_run, write_run
 from experiments.pipeline.tracking import make_tracker
 
@@ -42,8 +43,9 @@ def run(cfg: DictConfig) -> dict:
     if opened.complete or not is_main_process():
         return opened.recorded or {}
     output_dir, run_id = opened.output_dir, opened.run_id
+    require(cfg, ["icl"])  # tasks and retriever, read after the (possibly large) model loads
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+    tokenizer = model_tokenizer(cfg.model)
     model, source = load_model_for_eval(OmegaConf.to_container(cfg.model, resolve=True), tokenizer,
                                         adapter=cfg.icl.adapter, device=cfg.icl.device)
     log.info("evaluating %s (adapter %s) on %s, %s", source["model"], source["adapter"], source["device"], names)

@@ -1,7 +1,8 @@
 """Track 1 recipe: fine-tune a causal LM with one objective, sample test-prefix continuations, score MAUVE.
 
-Steps: load corpus and pack blocks, test prompts (`cfg.prompts`) -> build model, or with `cfg.pretraining` load the
-cached student pre-trained on a related oracle language (+ cost embedding: a frozen copy of its head) ->
+Steps: check that the MAUVE featurizer can be read (`preflight.require`) -> load corpus and pack blocks, test prompts
+(`cfg.prompts`) -> build model, or with `cfg.pretraining` load the cached student pre-trained on a related oracle
+language (+ cost embedding: a frozen copy of its head) ->
 `ObjectiveTrainer` (best checkpoint by validation cross-entropy; resumes from the newest checkpoint in the run's
 output dir; `trainer.max_steps=0` evaluates the initial model untrained) -> test perplexity ->
 `generation.num_seeds` sampling runs -> MAUVE against the gold texts (features computed once per text set) and
@@ -23,9 +24,10 @@ from experiments.pipeline.data import blocks_fingerprint, load_text_splits, pack
 from experiments.pipeline.generation import (continuation_token_budget, generation_records, prompts_from_config,
                                              sample_continuations, truncate_words)
 from experiments.pipeline.metrics import Featurizer, diversity, mauve_score, mean_std
-from experiments.pipeline.models import load_tokenizer
+from experiments.pipeline.models import model_tokenizer
 from experiments.pipeline.oracle import oracle_metrics
 from experiments.pipeline.pretraining import load_student
+from experiments.pipeline.preflight import require
 from experiments.pipeline.records import build_manifest, sha256_texts, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, train_run, training_arguments
@@ -41,6 +43,7 @@ def run(cfg: DictConfig) -> dict:
     if opened.complete:
         return opened.recorded
     output_dir, run_id = opened.output_dir, opened.run_id
+    require(cfg, ["metrics"])  # the MAUVE featurizer, read after training
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker = make_tracker(cfg.tracker, run_name=run_id, config=resolved, directory=output_dir)
     args = training_arguments(cfg.trainer, output_dir=opened.checkpoints, report_to=tracker.report_to, seed=cfg.seed,
@@ -49,7 +52,7 @@ def run(cfg: DictConfig) -> dict:
 
     with args.main_process_first(desc="data preparation"):  # rank 0 fills the caches, the others then read them
         texts = load_text_splits(cfg.data)  # first: data=oracle also writes the tokenizer the model config names
-        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.special_tokens)
+        tokenizer = model_tokenizer(cfg.model)
         max_blocks = cfg.data.max_blocks or {}
         blocks = {split: pack_blocks(texts[split], tokenizer, cfg.data.block_size, cfg.data.pack_batch_texts,
                                      max_blocks=max_blocks.get(split))
@@ -71,7 +74,7 @@ def run(cfg: DictConfig) -> dict:
                                                slack=cfg.generation.budget_slack)
     seeds = [cfg.generation.base_seed + i for i in range(cfg.generation.num_seeds)]
     featurizer = Featurizer(cfg.metrics.featurizer, max_text_length=cfg.metrics.max_text_length,
-                            batch_size=cfg.metrics.batch_size)
+                            batch_size=cfg.metrics.batch_size, revision=cfg.metrics.featurizer_revision)
     gold_features = featurizer([p.gold for p in prompts])
     words = cfg.prompts.continuation_words
     continuations, mauves, per_seed_div = {}, [], []

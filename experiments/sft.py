@@ -1,9 +1,10 @@
 """Track 3 recipe: instruction-tune a causal LM on Alpaca-format data with one objective, answer an evaluation
 instruction set, and (with a `judge` config) judge the answers against the set's reference outputs.
 
-Steps: records -> tokenizer (right padding, `sft.model_max_length`) -> model, pad token added with mean-initialised
-rows -> response-only labels -> `ObjectiveTrainer` (the cost embedding is copied from the resized LM head) -> final
-model saved (gathered under FSDP) -> responses in AlpacaEval's format -> pairwise judging -> `results/<experiment>/
+Steps: the judge built, the evaluation set and the judge endpoint checked (`preflight.require`) -> records ->
+tokenizer (right padding, `sft.model_max_length`) -> model, pad token added with mean-initialised rows ->
+response-only labels -> `ObjectiveTrainer` (the cost embedding is copied from the resized LM head) -> final model
+saved (gathered under FSDP) -> responses in AlpacaEval's format -> pairwise judging -> `results/<experiment>/
 <run-id>/` (`model_outputs.json`, `reference_outputs.json`, `judgements.jsonl`, AlpacaEval's `annotations.json` and
 `leaderboard.csv`, metrics, manifest).
 """
@@ -24,6 +25,7 @@ from experiments.pipeline.instruct import (SupervisedCollator, add_pad_token, bu
 from experiments.pipeline.judging.clients import build_judge
 from experiments.pipeline.judging.pairwise import alpaca_eval_annotations, alpaca_eval_leaderboard, judge_outputs
 from experiments.pipeline.models import load_causal_lm
+from experiments.pipeline.preflight import require
 from experiments.pipeline.records import build_manifest, start_run, trained_run_header, write_run
 from experiments.pipeline.tracking import make_tracker, scalar_metrics
 from experiments.pipeline.training import build_trainer, train_run, training_arguments
@@ -41,6 +43,7 @@ def run(cfg: DictConfig) -> dict:
         return opened.recorded
     output_dir, run_id = opened.output_dir, opened.run_id
     judge = build_judge(cfg.judge) if cfg.get("judge") else None  # a missing API key fails now, not after training
+    require(cfg, ["eval_instructions", "judge"])  # read after training: checked now
     tracker = make_tracker(cfg.tracker, run_name=run_id, config=OmegaConf.to_container(cfg, resolve=True),
                            directory=output_dir)
     args = training_arguments(cfg.trainer, output_dir=opened.checkpoints, report_to=tracker.report_to, seed=cfg.seed,
@@ -49,7 +52,8 @@ def run(cfg: DictConfig) -> dict:
 
     with args.main_process_first(desc="data preparation"):  # rank 0 fills the datasets cache, the others read it
         records = load_instruction_records(cfg.instructions)
-        eval_records = load_instruction_records(cfg.eval_instructions, require_output=False)
+        eval_records = load_instruction_records(cfg.eval_instructions, require_output=False,
+                                                where="eval_instructions")
     references = reference_outputs(eval_records, cfg.eval_instructions.reference_generator) if judge else None
     tokenizer = load_sft_tokenizer(cfg.model, model_max_length=cfg.sft.model_max_length)
     model = load_causal_lm(cfg.model, tokenizer)

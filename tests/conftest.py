@@ -83,3 +83,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def loopback_hub():
+    """A loopback Hugging Face Hub (tests/loopback_hub.py) with replicas of every resource the configs name."""
+    from loopback_hub import paper_hub
+
+    hub = paper_hub(REPO_ROOT / "conf", require_data(""))
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub_online(loopback_hub, monkeypatch, tmp_path):
+    """This test's Hub clients online and talking to `loopback_hub` (a fresh Hub cache, no token); the run record
+    of remote resources starts empty."""
+    from experiments.pipeline import hub
+    from loopback_hub import go_online
+
+    go_online(monkeypatch, loopback_hub, tmp_path / "hf")
+    hub.clear_record()
+    yield loopback_hub
+    hub.clear_record()
+

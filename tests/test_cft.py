@@ -13,7 +13,8 @@ from emo.training import ObjectiveTrainer
 from experiments.cft import run
 from experiments.pipeline.adapters import apply_adapter, parameter_counts, save_fine_tuned
 from experiments.pipeline.data import DataError, pack_blocks
-from experiments.pipeline.models import load_causal_lm, load_model_for_eval, load_tokenizer, resolve_model_path
+from experiments.pipeline.hub import resolve_model_path
+from experiments.pipeline.models import load_causal_lm, load_model_for_eval, load_tokenizer
 from experiments.pipeline.train_budget import budget_blocks, first_sentences, is_heading, sentence_ends
 from experiments.pipeline.training import objective_loss, training_arguments
 

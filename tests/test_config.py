@@ -62,7 +62,7 @@ def test_paper_settings_in_lm_gpt2(compose_cfg):
     assert cfg.trainer.metric_for_best_model == "eval_loss" and cfg.trainer.load_best_model_at_end
     assert cfg.data.block_size == 256 and cfg.generation.num_seeds == 5
     assert (cfg.decoding.top_k, cfg.decoding.top_p) == (0, 1.0)
-    assert cfg.metrics.featurizer == "gpt2-large" and cfg.metrics.max_text_length == 256
+    assert cfg.metrics.featurizer == "openai-community/gpt2-large" and cfg.metrics.max_text_length == 256
 
 
 @pytest.mark.parametrize("data,lengths", [("wikitext2", (20, 80)), ("wikitext103", (20, 80)), ("webtext", (20, 80)),

@@ -8,7 +8,7 @@ import pytest
 
 from experiments.pipeline.data import (DataError, blocks_fingerprint, derive_missing_splits, load_text_splits,
                                        pack_blocks)
-from emo.hub import OfflineError
+from experiments.pipeline.hub import OfflineError
 
 BASE = {"name": "t", "source": "files", "text_column": "text", "validation_fraction": 0.05, "test_fraction": 0.5,
         "format": None, "sample_by": "line"}
@@ -105,12 +105,12 @@ def test_repository_wikitext_loads(wikitext_dir):
 
 
 def test_unreachable_host_fails_fast_without_offline_flags(monkeypatch):
-    import emo.hub
+    from experiments.pipeline import hub
 
     for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(flag, raising=False)
-    monkeypatch.setattr(emo.hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
     start = time.monotonic()
     with pytest.raises(OfflineError, match=r"127\.0\.0\.1:9 is not reachable"):
-        emo.hub.ensure_remote_available("data file", "x", "hint", url="http://127.0.0.1:9/x.txt")
+        hub.ensure_remote_available("data file", "x", "hint", url="http://127.0.0.1:9/x.txt")
     assert time.monotonic() - start < 5

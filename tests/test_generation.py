@@ -90,7 +90,7 @@ def test_generation_records():
 def test_models_from_config_local_path_and_offline_hub(tmp_path, gpt2_tokenizer):
     import time
 
-    from emo.hub import OfflineError
+    from experiments.pipeline.hub import OfflineError
     from experiments.pipeline.models import build_cost_embedding, load_causal_lm, load_tokenizer
 
     spec = {"from_config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64}}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from emo.hub import OfflineError
+from experiments.pipeline.hub import OfflineError
 from experiments.pipeline.icl import (Task, TopkRetriever, _shared_prefix_length, binomial_stderr, build_retriever,
                                       load_task, score_prompts, summarize)
 from experiments.pipeline.icl_table import icl_tables

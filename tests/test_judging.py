@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from experiments.pipeline.judging.cache import JudgementCache
 from experiments.pipeline.judging.clients import FakeJudge, build_judge
-from experiments.pipeline.judging.pairwise import (OutputsUnavailableError, PairingError, judge_outputs,
+from experiments.pipeline.judging.pairwise import (PairingError, judge_outputs,
                                                    judged_orders, load_outputs, match_outputs)
 from experiments.pipeline.judging.table import instruct_tables
 from experiments.pipeline.judging.templates import JudgeTemplate
@@ -138,6 +138,7 @@ def test_a_hub_reference_file_offline_fails_at_once_with_one_line_unless_cached(
     import huggingface_hub.constants
 
     from experiments.judge import run
+    from experiments.pipeline.hub import OfflineError
 
     cfg = compose_cfg("experiment=judge", "judge=fake", f"pairwise.model_outputs={tmp_path / 'model.json'}",
                       f"paths.results_dir={tmp_path / 'results'}", f"paths.output_dir={tmp_path / 'out'}")
@@ -145,10 +146,10 @@ def test_a_hub_reference_file_offline_fails_at_once_with_one_line_unless_cached(
     assert url == ("hf://datasets/tatsu-lab/alpaca_eval@2955709b93b0e08df511a752a3874b0a89b8910b/"
                    "alpaca_eval_gpt4_baseline.json")
     (tmp_path / "model.json").write_text(json.dumps(outputs({"q": "a"}, "m")))
-    with pytest.raises(OutputsUnavailableError) as error:
+    with pytest.raises(OfflineError) as error:
         run(cfg)
     message = str(error.value)
-    assert message.startswith(f"Cannot read {url}: the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1)")
+    assert message.startswith("Cannot fetch outputs file 'tatsu-lab/alpaca_eval") and "offline" in message
     assert "\n" not in message and not (tmp_path / "results").exists()
 
     # in the Hugging Face cache (here a stand-in file under the pinned commit), the same run reads it offline

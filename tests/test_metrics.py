@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2Model
 
-from emo.hub import OfflineError
+from experiments.pipeline.hub import OfflineError
 from experiments.pipeline.metrics import Featurizer, distinct_n, diversity, mauve_score, mean_std, rep_n
 
 MAUVE_OPTIONS = {"num_buckets": 4, "kmeans_num_redo": 2}

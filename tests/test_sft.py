@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from emo.hub import OfflineError
+from experiments.pipeline.hub import OfflineError
 from experiments.pipeline.instruct import (IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, InstructionDataError,
                                            SupervisedCollator, add_pad_token, format_prompt, generate_responses,
                                            load_instruction_records, load_sft_tokenizer, read_records_file,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -24,9 +25,13 @@ from urllib.parse import urlparse
 import datasets
 import numpy as np
 
-from emo.hub import OfflineError, ensure_remote_available, hub_offline
+from experiments.pipeline import hub
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+HUB_FIELDS = ("path", "config_name", "revision")
+FILE_FIELDS = ("data_files", "fallback_data_files")
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 FORMATS_BY_SUFFIX = {
     ".txt": "text", ".raw": "text", ".tokens": "text",
@@ -72,7 +77,8 @@ def _load_split_files(split: str, paths: list[str], cfg: Mapping) -> datasets.Da
     fmt = _file_format(paths, cfg.get("format"))
     for path in paths:
         if _is_url(path):
-            ensure_remote_available("data file", path, LOCAL_FILES_HINT, url=path)
+            hub.ensure_remote_available("data file", path, LOCAL_FILES_HINT, url=path)
+            hub.record({"what": "corpus file", "url": path})
         elif not Path(path).is_file():
             raise DataError(f"Data file for split '{split}' not found: {path}")
     kwargs = {}
@@ -98,22 +104,25 @@ def _select_text(ds: datasets.Dataset, column: str, where: str) -> datasets.Data
 def _load_hub(cfg: Mapping) -> dict[str, datasets.Dataset]:
     path, name = cfg["path"], cfg.get("config_name")
     label = f"{path}/{name}" if name else path
-    offline = hub_offline()
-    if not offline:
-        ensure_remote_available("dataset", label, LOCAL_FILES_HINT)
     try:
-        loaded = datasets.load_dataset(path, name, revision=cfg.get("revision"))
-    except Exception as exc:
-        if offline:  # datasets fails at once offline unless the corpus is in its cache
-            raise OfflineError(f"Cannot fetch dataset '{label}': offline mode is on (HF_HUB_OFFLINE) and it is not "
-                               f"in the local cache. {LOCAL_FILES_HINT}") from exc
-        raise DataError(f"Could not load dataset '{label}' from the Hub: {type(exc).__name__}: {exc}") from exc
+        loaded = hub.load_dataset(path, name, revision=cfg.get("revision"), what="corpus", hint=LOCAL_FILES_HINT)
+    except hub.HubResourceError as exc:
+        raise DataError(str(exc)) from exc
     out = {}
     for split, ds in loaded.items():
         split = SPLIT_ALIASES.get(split, split)
         if split in SPLITS:
             out[split] = _select_text(ds, cfg["text_column"], where=f"dataset '{label}' split '{split}'")
     return out
+
+
+def _answering_files(split: str, paths: list[str], cfg: Mapping) -> list[str]:
+    """`paths`, or the split's `fallback_data_files` when a URL among them gets no answer (e.g. a retired CDN)."""
+    fallback = (cfg.get("fallback_data_files") or {}).get(split)
+    if not fallback or not any(_is_url(p) and hub.url_status(p)[0] is None for p in paths):
+        return paths
+    log.warning("data.data_files.%s (%s) does not answer; reading the fallback %s", split, paths, fallback)
+    return _as_list(fallback)
 
 
 def _load_files(cfg: Mapping) -> dict[str, datasets.Dataset]:
@@ -125,7 +134,7 @@ def _load_files(cfg: Mapping) -> dict[str, datasets.Dataset]:
         split = SPLIT_ALIASES.get(split, split)
         if split not in SPLITS:
             raise DataError(f"Unknown split '{split}' in data.data_files; use {SPLITS}.")
-        out[split] = _load_split_files(split, _as_list(paths), cfg)
+        out[split] = _load_split_files(split, _answering_files(split, _as_list(paths), cfg), cfg)
     if "train" not in out:
         raise DataError("data.data_files needs at least a 'train' entry (validation and test can be derived).")
     return out
@@ -193,12 +202,18 @@ def _cap_rows(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 def load_text_splits(cfg: Mapping) -> datasets.DatasetDict:
     """Load a corpus described by a `conf/data/*.yaml` node into train/validation/test splits with a `text` column.
 
-    `cfg.source` is `hub` (`path`, optional `config_name`/`revision`), `files` (`data_files` mapping split -> local
-    paths or URLs) or `oracle` (the synthetic corpus written by `materialize_oracle`). Raises `DataError` for
-    unreadable files, a missing text column or an empty split, and
-    `emo.hub.OfflineError` (within seconds) when a remote corpus is requested offline.
+    `cfg.source` is `hub` (`path`, optional `config_name`, `revision` resolved to its commit), `files` (`data_files`
+    mapping split -> local paths or URLs, with optional `fallback_data_files` for URLs that do not answer) or `oracle`
+    (the synthetic corpus written by `materialize_oracle`). Raises `DataError` for unreadable files, a missing text
+    column, an empty split or a field of the other source (e.g. `path` with `source: files`), and
+    `hub.OfflineError` (within seconds) when a remote corpus is requested offline.
     """
     source = cfg["source"]
+    if source in ("hub", "files"):
+        misplaced = hub.misplaced_fields(cfg, "data", hub_source=source == "hub", hub_fields=HUB_FIELDS,
+                                         file_fields=FILE_FIELDS)
+        if misplaced:
+            raise DataError(f"Corpus '{cfg['name']}': {misplaced}")
     if source == "hub":
         splits = _load_hub(cfg)
     elif source == "files":

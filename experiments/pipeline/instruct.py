@@ -26,9 +26,9 @@ import datasets
 import torch
 import transformers
 
-from emo.hub import OfflineError, ensure_remote_available, hub_offline
+from experiments.pipeline import hub
 from experiments.pipeline.generation import decoding_kwargs
-from experiments.pipeline.models import load_tokenizer
+from experiments.pipeline.models import model_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
+HUB_FIELDS = ("path", "config_name", "revision", "filename")
+FILE_FIELDS = ("data_files",)
 LOCAL_RECORDS_HINT = (
     "Point the config at a local JSON array or JSONL file of {instruction, input, output} records instead, e.g. "
     "`instructions=alpaca_local instructions.data_files=/path/alpaca_gpt4_data.json` (training data) or "
@@ -108,35 +110,34 @@ def _hub_label(cfg: Mapping) -> str:
 
 def _load_hub_records(cfg: Mapping, require_output: bool) -> list[dict]:
     label = _hub_label(cfg)
-    if not hub_offline():
-        ensure_remote_available("dataset", label, LOCAL_RECORDS_HINT)
     try:
         if cfg["source"] == "hub_file":
-            from huggingface_hub import hf_hub_download
-
-            local = hf_hub_download(cfg["path"], cfg["filename"], repo_type="dataset", revision=cfg.get("revision"))
+            url = hub.hf_url(cfg["path"], cfg["filename"], revision=cfg.get("revision"))
+            local = hub.fetch_file(url, what="instruction file", hint=LOCAL_RECORDS_HINT)
             return read_records_file(local, require_output=require_output)
-        rows = datasets.load_dataset(cfg["path"], cfg.get("config_name"), split=cfg.get("split") or "train",
-                                     revision=cfg.get("revision"))
-    except InstructionDataError:
-        raise
-    except Exception as exc:
-        if hub_offline():
-            raise OfflineError(f"Cannot fetch dataset '{label}': offline mode is on (HF_HUB_OFFLINE) and it is not "
-                               f"in the local cache. {LOCAL_RECORDS_HINT}") from exc
-        raise InstructionDataError(f"Could not load '{label}' from the Hub: {type(exc).__name__}: {exc}") from exc
+        rows = hub.load_dataset(cfg["path"], cfg.get("config_name"), revision=cfg.get("revision"),
+                                split=cfg.get("split") or "train", what="instruction dataset", hint=LOCAL_RECORDS_HINT)
+    except hub.HubResourceError as exc:
+        raise InstructionDataError(f"'{label}': {exc}") from exc
     return _check_records(rows.to_list(), f"dataset '{label}'", require_output)
 
 
-def load_instruction_records(cfg: Mapping, *, require_output: bool = True) -> list[dict]:
-    """Records for a `conf/instructions/*.yaml` or `conf/eval_instructions/*.yaml` node.
+def load_instruction_records(cfg: Mapping, *, require_output: bool = True, where: str = "instructions"
+                             ) -> list[dict]:
+    """Records for a `conf/instructions/*.yaml` or `conf/eval_instructions/*.yaml` node (`where`: its config key, for
+    messages).
 
     `source`: `hub` (`datasets.load_dataset(path, config_name, split=split)`), `hub_file` (one JSON file `filename`
     of the Hub dataset repo `path`, e.g. AlpacaEval's `alpaca_eval.json`) or `files` (`data_files`: a local JSON
-    array / JSONL path, or a list of them). The first `max_records` are kept. Raises `InstructionDataError` for bad
-    files or records and `emo.hub.OfflineError` (within seconds) for a Hub set requested offline.
+    array / JSONL path, or a list of them); Hub sets are read at the commit `revision` resolves to. The first
+    `max_records` are kept. Raises `InstructionDataError` for bad files or records, or a field of the other source
+    (e.g. `path` with `source: files`), and `hub.OfflineError` (within seconds) for a Hub set requested offline.
     """
     source = cfg["source"]
+    misplaced = hub.misplaced_fields(cfg, where, hub_source=source != "files", hub_fields=HUB_FIELDS,
+                                     file_fields=FILE_FIELDS)
+    if misplaced and source in ("hub", "hub_file", "files"):
+        raise InstructionDataError(misplaced)
     if source in ("hub", "hub_file"):
         records = _load_hub_records(cfg, require_output)
     elif source == "files":
@@ -162,12 +163,11 @@ def records_fingerprint(records: Sequence[Mapping]) -> str:
 # ------------------------------------------------------------------------------------------------ tokenizer and model
 
 def load_sft_tokenizer(model_cfg: Mapping, *, model_max_length: int):
-    """Tokenizer for instruction tuning (`models.load_tokenizer`): right padding and right truncation at
+    """Tokenizer for instruction tuning (`models.model_tokenizer`): right padding and right truncation at
     `model_max_length`. A missing pad token is not replaced by EOS: `add_pad_token` adds one after the model is
     loaded, as the reference does. `model.special_tokens` fills in roles a bare tokenizer.json lacks.
     """
-    tokenizer = load_tokenizer(model_cfg["tokenizer"], model_cfg.get("special_tokens"), padding_side="right",
-                               pad_with_eos=False)
+    tokenizer = model_tokenizer(model_cfg, padding_side="right", pad_with_eos=False)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"Tokenizer '{model_cfg['tokenizer']}' has no eos token: set model.special_tokens (e.g. "
                          "{eos_token: '</s>'}); the response target ends with it.")

