@@ -326,8 +326,9 @@ class _CdnHandler(_Handler):
 
 def go_online(monkeypatch, hub: LoopbackHub, cache_dir: Path) -> None:
     """Point the real clients at `hub` for one test: `HF_ENDPOINT`, the constants `huggingface_hub` and `datasets`
-    read at import (endpoint, URL templates, offline flags: tests/conftest.py turns the Hub offline), a fresh Hub cache
-    and no token, as the libraries' own test suites do."""
+    read at import (endpoint, URL templates, offline flags: tests/conftest.py turns the Hub offline), fresh Hub and
+    datasets caches (so nothing read here is found later by an offline test) and no token, as the libraries' own test
+    suites do."""
     import datasets.config
     from huggingface_hub import constants
 
@@ -347,6 +348,9 @@ def go_online(monkeypatch, hub: LoopbackHub, cache_dir: Path) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache_dir / "datasets")
+    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache_dir / "datasets" / "downloads")
+    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache_dir / "datasets" / "downloads" / "extracted")
 
 
 def online_env(hub: LoopbackHub, home: Path) -> dict:
