@@ -27,12 +27,9 @@ from emo.losses import (
     reduce_token_values,
     resolve_objective,
     shift_labels,
+    transport_options,
 )
-
-
-# Devices where ``torch.mm(a, b, out_dtype=torch.float32)`` multiplies bf16 operands into an fp32 result (``meta``
-# checks shapes only); elsewhere bf16 operands are promoted to fp32 instead.
-FP32_OUTPUT_DEVICES = ("cuda", "xpu", "meta")
+from emo.transport import FP32_OUTPUT_DEVICES
 
 
 def _gradient_operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -53,13 +50,17 @@ def _gradient_operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch
     return torch.float32
 
 
-def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chunk_size, with_grad, row_scale=None):
+def _project_chunks(
+    hidden, weight, bias, targets, objective, hparams, cost, chunk_size, with_grad, precision="fp32",
+    chunk_kernel="torch", row_scale=None,
+):
     """Run the objective over token chunks; returns fp32 values and, if ``with_grad``, fp32 gradients
     ``(hidden (N, H), weight (V, H), bias (V,))`` of ``sum(row_scale * values)`` (``row_scale`` defaults to 1).
 
     Chunk buffers are allocated once on the inputs' device and reused; for fp32 inputs the products write into them
     directly and the weight gradient accumulates in place (``addmm_``), so no per-chunk ``V x H`` temporary is created.
-    The forward product runs in the inputs' dtype, the backward products as ``_gradient_operand_dtype`` says.
+    The forward product runs in the inputs' dtype, the backward products as ``_gradient_operand_dtype`` says; the
+    transport product in ``precision`` and the per-chunk elementwise work with ``chunk_kernel`` (``emo.losses``).
     """
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     rows = min(chunk_size, num_tokens)
@@ -84,9 +85,19 @@ def _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chu
             logits.copy_(chunk_hidden @ weight.T)
         if bias is not None:
             logits.add_(bias)
-        values[span], dlogits = objective_chunk(
-            logits, targets[span], objective, hparams, cost, with_grad, None if scratch is None else scratch[:size]
-        )
+        chunk_scratch = None if scratch is None else scratch[:size]
+        if chunk_kernel == "triton":
+            from emo.triton_chunk import triton_objective_chunk
+
+            values[span] = triton_objective_chunk(
+                logits, targets[span], objective, hparams, cost, logits if with_grad else None, chunk_scratch,
+                precision=precision,
+            )
+            dlogits = logits
+        else:
+            values[span], dlogits = objective_chunk(
+                logits, targets[span], objective, hparams, cost, with_grad, chunk_scratch, precision=precision
+            )
         if not with_grad:
             continue
         if row_scale is not None:
@@ -108,19 +119,24 @@ class _FusedLinearObjective(torch.autograd.Function):
     """Objective values of valid tokens ``(N,)`` from hidden states ``(N, H)`` and the LM head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, objective, hparams, cost, chunk_size, mode):
+    def forward(
+        ctx, hidden, weight, bias, targets, objective, hparams, cost, chunk_size, mode, precision="fp32",
+        chunk_kernel="torch",
+    ):
         ctx.mode = mode
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         needs_grad = any(ctx.needs_input_grad[:3])
+        config = (objective, hparams, cost, chunk_size)
         if mode == "total":
             values, *grads = _project_chunks(
-                hidden, weight, bias, targets, objective, hparams, cost, chunk_size, needs_grad
+                hidden, weight, bias, targets, *config, needs_grad, precision, chunk_kernel
             )
             ctx.grads = grads if needs_grad else None
             return values.sum()
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.config = (objective, hparams, cost, chunk_size)
-        values, *_ = _project_chunks(hidden, weight, bias, targets, objective, hparams, cost, chunk_size, False)
+        ctx.config = config
+        ctx.kernel_options = (precision, chunk_kernel)
+        values, *_ = _project_chunks(hidden, weight, bias, targets, *config, False, precision, chunk_kernel)
         return values
 
     @staticmethod
@@ -135,13 +151,13 @@ class _FusedLinearObjective(torch.autograd.Function):
         else:
             hidden, weight, bias, targets = ctx.saved_tensors
             _, grad_hidden, grad_weight, grad_bias = _project_chunks(
-                hidden, weight, bias, targets, *ctx.config, True, row_scale=grad_output.float()
+                hidden, weight, bias, targets, *ctx.config, True, *ctx.kernel_options, row_scale=grad_output.float()
             )
         grads = (
             grad.to(dtype) if needed and grad is not None else None
             for grad, needed, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.needs_input_grad, ctx.dtypes)
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _autocast_inputs(hidden, weight, bias):
@@ -164,6 +180,8 @@ def linear_lm_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
+    transport_precision: str = "fp32",
+    chunk_kernel: str = "torch",
     **hparams,
 ) -> torch.Tensor:
     """``emo.lm_loss(hidden @ lm_head_weight.T + lm_head_bias, labels, ...)`` without materialising the logits.
@@ -173,6 +191,7 @@ def linear_lm_loss(
     and values as ``lm_loss``; ignored tokens are dropped before the projection; the objective is computed in fp32 per
     chunk, with gradients for ``hidden``, ``lm_head_weight`` and ``lm_head_bias``. ``chunk_size`` is in tokens. Under
     ``torch.autocast`` the head products run in the autocast dtype, like the model's own LM head.
+    ``transport_precision`` and ``chunk_kernel`` are ``lm_loss``'s.
     """
     check_reduction(reduction)
     if hidden.dim() != 3 or not hidden.is_floating_point():
@@ -190,6 +209,7 @@ def linear_lm_loss(
         )
     vocab_size = lm_head_weight.shape[0]
     spec, resolved, cost = resolve_objective(objective, cost_embedding, vocab_size, hparams)
+    operand = transport_options(cost, transport_precision, chunk_kernel, hidden.device)
     hidden, lm_head_weight, lm_head_bias = _autocast_inputs(hidden, lm_head_weight, lm_head_bias)
     flat_targets = shift_labels(labels, ignore_index).reshape(-1)
     valid = flat_targets != ignore_index
@@ -203,9 +223,11 @@ def linear_lm_loss(
         flat_targets.index_select(0, rows),
         spec,
         resolved,
-        None if cost is None else cost.to(hidden.device).normalized,
+        operand,
         chunk_size or default_chunk_size(vocab_size),
         "tokens" if reduction == "none" else "total",
+        transport_precision,
+        chunk_kernel,
     )
     values = _FusedLinearObjective.apply(*args)
     if reduction == "none":

@@ -44,6 +44,9 @@ class ObjectiveLoss:
     at zero positions and return the hidden states; given such outputs (no logits for the labels), ``__call__`` takes
     ``outputs.hidden_states[-1]`` (the final, normed hidden state) through ``model``'s output embedding inside the loss.
     Evaluation and generation run the model as usual.
+
+    ``transport_precision`` (``fp32``, ``tf32``, ``bf16``) and ``chunk_kernel`` (``torch``, ``triton``) are passed to
+    the loss functions (``emo.lm_loss``): the precision of the transport product and who runs the per-chunk work.
     """
 
     def __init__(
@@ -56,6 +59,8 @@ class ObjectiveLoss:
         impl: str = "materialized",
         ignore_index: int = -100,
         chunk_size: Optional[int] = None,
+        transport_precision: str = "fp32",
+        chunk_kernel: str = "torch",
     ):
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
@@ -66,6 +71,8 @@ class ObjectiveLoss:
         self.hparams = spec.resolve_hparams(dict(hparams or {}))
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
+        self.transport_precision = transport_precision
+        self.chunk_kernel = chunk_kernel
         self.model = model
         self.cost_embedding = None
         if spec.cost_source == "fixed":
@@ -101,6 +108,8 @@ class ObjectiveLoss:
             ignore_index=self.ignore_index,
             reduction="sum",
             chunk_size=self.chunk_size,
+            transport_precision=self.transport_precision,
+            chunk_kernel=self.chunk_kernel,
             **(self.hparams if is_configured else {}),
         )
         logits = outputs["logits"] if "logits" in outputs else None
