@@ -289,6 +289,8 @@ def run_group(rows, group, shape_name, cases, device, warmup, iters):
             row.note = f"not installed ({error.name})"
         except torch.cuda.OutOfMemoryError:
             row.note = "out of memory"
+        except Exception as error:  # one failing case (e.g. a baseline's kernel on this Triton) keeps the table
+            row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}"
         rows.append(row)
         memory = f"{row.extra_mb:9.1f} MB" if row.extra_mb is not None else ""
         print(f"  {group:<14} {shape_name:<34} {case:<30} "

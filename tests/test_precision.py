@@ -143,3 +143,23 @@ def test_cuda_precision_within_its_bound_of_fp64(precision, global_setting, embe
         assert torch.get_float32_matmul_precision() == global_setting
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_objective_loss_and_config_pass_both_options(compose_cfg, embedding):
+    """``objective.transport_precision`` and ``objective.chunk_kernel`` reach the loss the Trainer calls."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from emo.training import ObjectiveLoss
+    from experiments.pipeline.training import objective_loss
+
+    node = compose_cfg("objective=emo2", "objective.transport_precision=bf16", "objective.chunk_kernel=triton").objective
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_layer=1, n_embd=8, n_head=2, bos_token_id=0, eos_token_id=0))
+    configured = objective_loss(node, model, cost_source=None, device="cpu")
+    assert (configured.transport_precision, configured.chunk_kernel) == ("bf16", "triton")
+
+    logits, labels = _case(5, batch=1, seq=9)
+    cost = CostEmbedding(embedding)
+    for precision in ("fp32", "bf16"):
+        loss = ObjectiveLoss("emo2", cost_embedding=cost, transport_precision=precision, chunk_kernel="triton")
+        expected = lm_loss(logits, labels, objective="emo2", cost_embedding=cost, transport_precision=precision)
+        torch.testing.assert_close(loss({"logits": logits}, labels), expected, rtol=1e-6, atol=0)
