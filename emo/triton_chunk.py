@@ -128,8 +128,9 @@ def triton_objective_chunk(
     has_distance = objective.needs_cost_embedding
     distance = logits
     if has_distance:
-        buffer = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=logits.device) if scratch is None else scratch
-        distance = transport_distance(buffer, cost, targets, precision)
+        if scratch is None:
+            scratch = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=logits.device)
+        distance = transport_distance(scratch, cost, targets, precision)
     stats = torch.empty(num_rows, 4, dtype=torch.float32, device=logits.device)
     launch = _launch_options(vocab_size)
     grid = (num_rows,)

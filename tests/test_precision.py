@@ -70,7 +70,7 @@ def test_precision_within_its_bound_of_fp64(precision, embedding):
 
 
 def test_bf16_is_measurably_less_exact_than_fp32(embedding):
-    """The modes really differ: bf16 cosines are off by more than fp32's bound (so the test above can tell them apart)."""
+    """The modes really differ: bf16 cosines are off by more than fp32's bound (the test above tells them apart)."""
     logits, labels = _case(1)
     cosines, *_ = _reference(logits, labels, embedding)
     targets = labels[:, 1:].reshape(-1)
@@ -152,7 +152,8 @@ def test_objective_loss_and_config_pass_both_options(compose_cfg, embedding):
     from emo.training import ObjectiveLoss
     from experiments.pipeline.training import objective_loss
 
-    node = compose_cfg("objective=emo2", "objective.transport_precision=bf16", "objective.chunk_kernel=triton").objective
+    node = compose_cfg("objective=emo2", "objective.transport_precision=bf16",
+                       "objective.chunk_kernel=triton").objective
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_layer=1, n_embd=8, n_head=2, bos_token_id=0, eos_token_id=0))
     configured = objective_loss(node, model, cost_source=None, device="cpu")
     assert (configured.transport_precision, configured.chunk_kernel) == ("bf16", "triton")
