@@ -29,8 +29,9 @@ status=0
 
 # ---- what the GPU image lacks, from .gpu/ (benchmarks/gpu_stage.sh) ----
 if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
-    .gpu/wheels/*.whl || status=1
+  stamp="$work/site/.wheels-$(ls .gpu/wheels | sha256sum | cut -c1-12)"  # installed once per machine
+  [ -f "$stamp" ] || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$work/site" .gpu/wheels/*.whl && touch "$stamp"; } || status=1
 fi
 if compgen -G ".gpu/reference/*.whl" > /dev/null; then  # the golden tests' EMOLoss==0.0.3 (never on the path)
   mkdir -p .cache/reference && cp .gpu/reference/*.whl .cache/reference/
