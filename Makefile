@@ -39,6 +39,18 @@ lm-gpt2: install
 	$(PY) run.py -m experiment=lm_gpt2 data=$(DATA) objective=$(LM_OBJECTIVES) $(RUN_ARGS)
 	$(MAKE) tables EXPERIMENT=lm_gpt2
 
+# ---- Track 1 on a real pretrained model: SmolLM2-135M (PyPI, offline) on the WikiText-2 and PTB slices (GPU) ----
+# A few minutes on one H200 (benchmarks/gpu_check.sh runs it); on 2 CPU cores only a shortened smoke run (docs/track1.md).
+SMOLLM2_DATA ?= wikitext2_local,ptb_local
+SMOLLM2_OBJECTIVES ?= mle,mixce,tailr,emo
+
+.PHONY: lm-smollm2
+
+lm-smollm2: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) run.py -m experiment=lm_smollm2 data=$(SMOLLM2_DATA) \
+		objective=$(SMOLLM2_OBJECTIVES) 'hydra.sweep.subdir=$${hydra.job.num}' $(RUN_ARGS)
+	$(MAKE) tables EXPERIMENT=lm_smollm2
+
 # Every table from everything under results/ (EMO_RESULTS_DIR): Track 1 per model, Track 2, Track 3 and the demo, as
 # results/tables/<name>.{md,csv,tex} plus sources.csv (the run ids behind each cell). EXPERIMENT=<name>: one experiment.
 EXPERIMENT ?= all

@@ -202,6 +202,22 @@ SUITES = {  # per suite: the shape defaults, the cases (one process each); its R
 }
 
 
+def timed_passes(step, leaves, warmup: int, iters: int, cuda: bool) -> list[float]:
+    """Seconds of each of ``iters`` forward+backward passes (``step().backward()``, gradients cleared first) after
+    ``warmup`` untimed ones; on CUDA each pass ends with a device synchronisation."""
+    times = []
+    for i in range(warmup + iters):
+        for leaf in leaves:
+            leaf.grad = None
+        start = time.perf_counter()
+        step().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def run_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     cuda = torch.device(args.device).type == "cuda"
@@ -213,17 +229,7 @@ def run_worker(args) -> dict:
     else:
         reset_peak_rss()
         baseline = rss_mb()
-    times = []
-    for i in range(args.warmup + args.iters):
-        for leaf in leaves:
-            leaf.grad = None
-        start = time.perf_counter()
-        step().backward()
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if i >= args.warmup:
-            times.append(elapsed)
+    times = timed_passes(step, leaves, args.warmup, args.iters, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return {"case": args.worker, "ms": 1000 * statistics.median(times), "extra_mb": peak - baseline}
 

@@ -38,6 +38,7 @@ class CostEmbedding:
         if validate:
             _check_rows(norms)
         self.normalized = weight / torch.where(norms > 0, norms, 1.0).unsqueeze(1)
+        self._operands = {}
 
     @property
     def vocab_size(self) -> int:
@@ -49,8 +50,17 @@ class CostEmbedding:
 
     def to(self, device: Union[str, torch.device]) -> "CostEmbedding":
         """Move to ``device`` in place (the embedding stays fp32) and return self."""
-        self.normalized = self.normalized.to(device)
+        moved = self.normalized.to(device)
+        if moved is not self.normalized:
+            self.normalized, self._operands = moved, {}
         return self
+
+    def cached_operand(self, key: str, convert) -> torch.Tensor:
+        """``convert(self.normalized)``, computed once per ``key`` and device (e.g. the bf16 operand of the transport
+        product, ``emo.transport``) and kept while the embedding stays on its device."""
+        if key not in self._operands:
+            self._operands[key] = convert(self.normalized)
+        return self._operands[key]
 
     @classmethod
     def wrap(cls, value: Union["CostEmbedding", torch.Tensor, None]) -> Optional["CostEmbedding"]:

@@ -28,7 +28,9 @@ from emo.losses import (
     prediction_targets,
     reduce_token_values,
     resolve_objective,
+    transport_options,
 )
+from emo.transport import FP32_OUTPUT_DEVICES
 
 
 class TokenValues(NamedTuple):
@@ -37,11 +39,6 @@ class TokenValues(NamedTuple):
     values: torch.Tensor  # the objective's per-token loss (differentiable)
     entropy: torch.Tensor  # entropy of the model's next-token distribution (fp32, no gradient)
     is_top1: torch.Tensor  # whether the label is the model's most likely next token (bool)
-
-
-# Devices where ``torch.mm(a, b, out_dtype=torch.float32)`` multiplies bf16 operands into an fp32 result (``meta``
-# checks shapes only); elsewhere bf16 operands are promoted to fp32 instead.
-FP32_OUTPUT_DEVICES = ("cuda", "xpu", "meta")
 
 
 def _gradient_operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -71,7 +68,8 @@ def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
 
 
 def _project_chunks(
-    hidden, weight, bias, targets, valid, objective, hparams, cost, chunk_size, with_grad, row_scale=None, stats=None
+    hidden, weight, bias, targets, valid, objective, hparams, cost, chunk_size, precision, chunk_kernel, with_grad,
+    row_scale=None, stats=None,
 ):
     """Run the objective over token chunks; returns fp32 values and, if ``with_grad``, fp32 gradients
     ``(hidden (N, H), weight (V, H), bias (V,))`` of ``sum(row_scale * values)`` (``row_scale`` defaults to 1).
@@ -80,7 +78,8 @@ def _project_chunks(
 
     Chunk buffers are allocated once on the inputs' device and reused; for fp32 inputs the products write into them
     directly and the weight gradient accumulates in place (``addmm_``), so no per-chunk ``V x H`` temporary is created.
-    The forward product runs in the inputs' dtype, the backward products as ``_gradient_operand_dtype`` says.
+    The forward product runs in the inputs' dtype, the backward products as ``_gradient_operand_dtype`` says; the
+    transport product in ``precision`` and the per-chunk elementwise work with ``chunk_kernel`` (``emo.losses``).
     """
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     rows = min(chunk_size, num_tokens)
@@ -107,16 +106,20 @@ def _project_chunks(
             logits.add_(bias)
         if stats is not None:
             stats[0][span], stats[1][span] = token_statistics(logits, targets[span])
-        values[span], dlogits = objective_chunk(
-            logits,
-            targets[span],
-            objective,
-            hparams,
-            cost,
-            with_grad,
-            None if scratch is None else scratch[:size],
-            None if valid is None else valid[span],
-        )
+        chunk_scratch = None if scratch is None else scratch[:size]
+        chunk_valid = None if valid is None else valid[span]
+        if chunk_kernel == "triton":
+            from emo.triton_chunk import triton_objective_chunk
+
+            values[span] = triton_objective_chunk(
+                logits, targets[span], objective, hparams, cost, logits if with_grad else None, chunk_scratch,
+                chunk_valid, precision,
+            )
+            dlogits = logits
+        else:
+            values[span], dlogits = objective_chunk(
+                logits, targets[span], objective, hparams, cost, with_grad, chunk_scratch, chunk_valid, precision
+            )
         if not with_grad:
             continue
         if row_scale is not None:
@@ -138,11 +141,14 @@ class _FusedLinearObjective(torch.autograd.Function):
     """Objective values of valid tokens ``(N,)`` from hidden states ``(N, H)`` and the LM head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, objective, hparams, cost, chunk_size, mode):
+    def forward(
+        ctx, hidden, weight, bias, targets, valid, objective, hparams, cost, chunk_size, mode, precision="fp32",
+        chunk_kernel="torch",
+    ):
         ctx.mode = mode
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         needs_grad = any(ctx.needs_input_grad[:3])
-        config = (objective, hparams, cost, chunk_size)
+        config = (objective, hparams, cost, chunk_size, precision, chunk_kernel)
         if mode == "total":
             values, *grads = _project_chunks(hidden, weight, bias, targets, valid, *config, needs_grad)
             ctx.grads = grads if needs_grad else None
@@ -175,7 +181,7 @@ class _FusedLinearObjective(torch.autograd.Function):
             grad.to(dtype) if needed and grad is not None else None
             for grad, needed, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.needs_input_grad, ctx.dtypes)
         )
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _autocast_inputs(hidden, weight, bias):
@@ -209,6 +215,8 @@ def linear_lm_loss(
     reduction: str = "mean",
     shift: bool = True,
     chunk_size: Optional[int] = None,
+    transport_precision: str = "fp32",
+    chunk_kernel: str = "torch",
     return_token_stats: bool = False,
     **hparams,
 ) -> Union[torch.Tensor, TokenValues]:
@@ -224,6 +232,7 @@ def linear_lm_loss(
     where every position is projected (zero weight where ignored) so that shapes do not depend on the data.
     ``return_token_stats=True`` (with ``reduction="none"``) also returns, from the same pass, each position's entropy
     and whether its label is the model's top-1 token (``TokenValues``; 0 / False at ignored positions).
+    ``transport_precision`` and ``chunk_kernel`` are ``lm_loss``'s.
     """
     check_reduction(reduction)
     if return_token_stats and reduction != "none":
@@ -240,6 +249,7 @@ def linear_lm_loss(
     labels = integer_labels(labels, hidden.shape[:2], "hidden")
     vocab_size = lm_head_weight.shape[0]
     spec, resolved, cost = resolve_objective(objective, cost_embedding, vocab_size, hparams)
+    operand = transport_options(cost, transport_precision, chunk_kernel, hidden.device)
     hidden, lm_head_weight, lm_head_bias = _autocast_inputs(hidden, lm_head_weight, lm_head_bias)
     hidden, lm_head_weight, lm_head_bias = _common_dtype(hidden, lm_head_weight, lm_head_bias)
     flat_targets, valid = prediction_targets(labels, vocab_size, ignore_index, shift)
@@ -258,9 +268,11 @@ def linear_lm_loss(
         row_valid,
         spec,
         resolved,
-        None if cost is None else cost.to(hidden.device).normalized,
+        operand,
         chunk_size or default_chunk_size(vocab_size),
         ("tokens+stats" if return_token_stats else "tokens") if reduction == "none" else "total",
+        transport_precision,
+        chunk_kernel,
     )
     if reduction != "none":
         return reduce_token_values(values, valid.sum(), reduction)

@@ -65,6 +65,9 @@ class ObjectiveLoss:
     ``impl="fused"`` computes the training loss with ``emo.linear_lm_loss`` (no ``N x V`` logits). It needs a caller
     that runs the model without its LM head: ``emo.training.ObjectiveTrainer`` (through ``forward_kwargs``) or
     ``attach_to_sft_trainer``. Given full logits it raises instead of silently materialising them.
+
+    ``transport_precision`` (``fp32``, ``tf32``, ``bf16``) and ``chunk_kernel`` (``torch``, ``triton``) are passed to
+    the loss functions (``emo.lm_loss``): the precision of the transport product and who runs the per-chunk work.
     """
 
     def __init__(
@@ -77,6 +80,8 @@ class ObjectiveLoss:
         impl: str = "materialized",
         ignore_index: int = -100,
         chunk_size: Optional[int] = None,
+        transport_precision: str = "fp32",
+        chunk_kernel: str = "torch",
     ):
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
@@ -84,6 +89,8 @@ class ObjectiveLoss:
         self.impl = impl
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
+        self.transport_precision = transport_precision
+        self.chunk_kernel = chunk_kernel
         self.model = None
         if model is not None:
             self.bind(model)
@@ -245,7 +252,8 @@ class ObjectiveLoss:
 
     def _loss_options(self, cost, reduction: Optional[str] = "sum") -> dict:
         options = dict(objective=self.objective, cost_embedding=cost, ignore_index=self.ignore_index,
-                       chunk_size=self.chunk_size, **self.hparams)
+                       chunk_size=self.chunk_size, transport_precision=self.transport_precision,
+                       chunk_kernel=self.chunk_kernel, **self.hparams)
         if reduction is not None:
             options["reduction"] = reduction
         return options

@@ -2,14 +2,17 @@
 
 The kernel works on chunks of predicted tokens. Per chunk it computes, in fp32 whatever the input dtype, the softmax,
 the token NLL and (for EMO objectives) the transport term from a single product ``S = E[y] @ E^T`` of the
-row-normalised cost embedding, then writes the exact logit gradient straight away ("gradient in forward"):
+row-normalised cost embedding (in the precision ``transport_precision`` names, ``emo.transport``), then writes the
+exact logit gradient straight away ("gradient in forward"):
 
     dz = a * (q - onehot(y)) + b * (q * d - q * emo),   d = 1 - S = cosine distance to the gold token
 
 where ``(a, b)`` are the objective's stop-gradient token weights (``emo.registry``); ignored positions get zero
-weights. No ``N x V`` one-hot is ever built. The gradient buffer is fp32 whatever the logits' dtype: the upstream
-gradient (e.g. a 65536 loss scale) is applied in fp32 first and only then is the result cast to the logits' dtype, so
-fp16/bf16 gradients are as precise as autograd's. Every buffer is allocated on the inputs' device.
+weights. ``chunk_kernel`` picks who runs that elementwise chain: ``torch`` (the reference and the default: a sequence
+of in-place torch ops) or ``triton`` (``emo.triton_chunk``: two fused passes over each chunk, CUDA; opt-in). No
+``N x V`` one-hot is ever built. The gradient buffer is fp32 whatever the logits' dtype: the upstream gradient (e.g. a
+65536 loss scale) is applied in fp32 first and only then is the result cast to the logits' dtype, so fp16/bf16
+gradients are as precise as autograd's. Every buffer is allocated on the inputs' device.
 
 The gradient is computed in forward, so the losses are differentiable once: second-order gradients
 (``create_graph=True``) raise an error instead of silently missing their second-order terms.
@@ -23,8 +26,10 @@ import torch.nn.functional as F
 
 from emo.cost import CostEmbedding
 from emo.registry import Objective, get_objective
+from emo.transport import check_transport_precision, transport_distance, transport_operand
 
 REDUCTIONS = ("mean", "sum", "none")
+CHUNK_KERNELS = ("torch", "triton")
 MASK_EPS = 1e-15
 CHUNK_ELEMENTS = 1 << 24
 SECOND_ORDER_ERROR = (
@@ -47,13 +52,14 @@ def objective_chunk(
     with_grad: bool,
     scratch: Optional[torch.Tensor] = None,
     valid: Optional[torch.Tensor] = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token loss values and, if ``with_grad``, their fp32 logit gradient for one chunk of tokens.
+    """Per-token loss values and, if ``with_grad``, their fp32 logit gradient for one chunk of tokens (torch ops).
 
     ``logits`` is an fp32 ``(n, V)`` tensor this function owns: it is overwritten and returned as the gradient.
-    ``targets`` are valid class ids; ``cost`` is the row-normalised fp32 cost embedding (``CostEmbedding.normalized``)
-    on the logits' device, or ``None``; ``scratch`` is an optional ``(n, V)`` fp32 buffer for the transport costs
-    (reused across chunks; allocated here if missing);
+    ``targets`` are valid class ids; ``cost`` is the transport product's operand for ``precision``
+    (``emo.transport.transport_operand``) on the logits' device, or ``None``; ``scratch`` is an optional ``(n, V)``
+    fp32 buffer for the transport costs (reused across chunks; allocated here if missing);
     ``valid`` optionally marks the rows that count (others get value and gradient 0; their targets may be any id).
     Returns ``(values (n,), dlogits (n, V) or None)``.
     """
@@ -70,12 +76,9 @@ def objective_chunk(
     if objective.needs_cost_embedding:
         # 1 - cos(e_v, e_y) for every v, then weighted by the (unnormalised) probabilities.
         distance = torch.empty_like(logits) if scratch is None else scratch
-        weighted_distance = distance.fill_(1.0).addmm_(cost[targets], cost.T, alpha=-1.0).mul_(unnormalized)
+        weighted_distance = transport_distance(distance, cost, targets, precision).mul_(unnormalized)
         emo = weighted_distance.sum(dim=1, keepdim=True).mul_(inverse_normalizer).squeeze(1).clamp_(min=0.0)
-    values, nll_weight, emo_weight = objective.weights(nll, p_target, emo, **hparams)
-    if valid is not None:
-        values, nll_weight = values.where(valid, 0.0), nll_weight.where(valid, 0.0)
-        emo_weight = None if emo_weight is None else emo_weight.where(valid, 0.0)
+    values, nll_weight, emo_weight = objective.token_weights(nll, p_target, emo, hparams, valid)
     if not with_grad:
         return values, None
 
@@ -92,34 +95,49 @@ class _ObjectiveOnLogits(torch.autograd.Function):
     """Per-position objective values ``(B*T,)`` from flat logits, with the logit gradient computed in forward.
 
     Chunks are contiguous position ranges (ignored positions get zero value and gradient). With gradient, each chunk
-    is copied once into its rows of the fp32 gradient buffer and turned into the gradient there, in place; backward
-    scales it by the upstream gradient in fp32 and casts it to the logits' dtype (``scale_rows_and_cast``).
+    is turned into the gradient in its rows of the fp32 gradient buffer (``torch``: copied there once and transformed
+    in place; ``triton``: read from the logits, written there); backward scales it by the upstream gradient in fp32 and
+    casts it to the logits' dtype (``scale_rows_and_cast``).
     """
 
     @staticmethod
-    def forward(ctx, flat_logits, flat_targets, valid, objective, hparams, cost, chunk_size, with_grad):
+    def forward(
+        ctx, flat_logits, flat_targets, valid, objective, hparams, cost, chunk_size, with_grad,
+        precision="fp32", chunk_kernel="torch",
+    ):
         num_positions, vocab_size = flat_logits.shape
         values = flat_logits.new_empty(num_positions, dtype=torch.float32)
         chunk_size = max(1, min(chunk_size, num_positions))
         grad = flat_logits.new_empty(num_positions, vocab_size, dtype=torch.float32) if with_grad else None
-        work = None if with_grad else flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32)
         scratch = flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32) if cost is not None else None
         targets = flat_targets.where(valid, 0)
-        for start in range(0, num_positions, chunk_size):
-            span = slice(start, min(start + chunk_size, num_positions))
-            size = span.stop - span.start
-            chunk = grad[span] if with_grad else work[:size]
-            chunk.copy_(flat_logits[span])
-            values[span], _ = objective_chunk(
-                chunk,
-                targets[span],
-                objective,
-                hparams,
-                cost,
-                with_grad,
-                None if scratch is None else scratch[:size],
-                valid[span],
-            )
+        if chunk_kernel == "triton":
+            from emo.triton_chunk import triton_objective_chunk
+
+            for start in range(0, num_positions, chunk_size):
+                span = slice(start, min(start + chunk_size, num_positions))
+                values[span] = triton_objective_chunk(
+                    flat_logits[span], targets[span], objective, hparams, cost, grad[span] if with_grad else None,
+                    None if scratch is None else scratch[: span.stop - span.start], valid[span], precision,
+                )
+        else:
+            work = None if with_grad else flat_logits.new_empty(chunk_size, vocab_size, dtype=torch.float32)
+            for start in range(0, num_positions, chunk_size):
+                span = slice(start, min(start + chunk_size, num_positions))
+                size = span.stop - span.start
+                chunk = grad[span] if with_grad else work[:size]
+                chunk.copy_(flat_logits[span])
+                values[span], _ = objective_chunk(
+                    chunk,
+                    targets[span],
+                    objective,
+                    hparams,
+                    cost,
+                    with_grad,
+                    None if scratch is None else scratch[:size],
+                    valid[span],
+                    precision,
+                )
         ctx.grad_buffer = grad
         ctx.logits_dtype = flat_logits.dtype
         ctx.chunk_size = chunk_size
@@ -134,7 +152,7 @@ class _ObjectiveOnLogits(torch.autograd.Function):
             raise RuntimeError("the objective loss was already back-propagated once; compute it again to backward twice")
         ctx.grad_buffer = None
         grad = scale_rows_and_cast(grad, grad_values, ctx.logits_dtype, ctx.chunk_size)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def scale_rows_and_cast(
@@ -230,6 +248,25 @@ def resolve_objective(
     return spec, resolved, cost
 
 
+def check_chunk_kernel(chunk_kernel: str, device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``chunk_kernel`` is one of ``CHUNK_KERNELS`` and runs on ``device``."""
+    if chunk_kernel not in CHUNK_KERNELS:
+        raise ValueError(f"chunk_kernel must be one of {CHUNK_KERNELS}, got {chunk_kernel!r}")
+    if chunk_kernel == "triton":
+        from emo.triton_chunk import check_triton_device
+
+        check_triton_device(device)
+
+
+def transport_options(
+    cost: Optional[CostEmbedding], transport_precision: str, chunk_kernel: str, device: torch.device
+) -> Optional[torch.Tensor]:
+    """Check ``transport_precision`` and ``chunk_kernel`` for ``device``; return ``cost``'s transport operand there."""
+    check_transport_precision(transport_precision, device)
+    check_chunk_kernel(chunk_kernel, device)
+    return None if cost is None else transport_operand(cost, transport_precision, device)
+
+
 def check_reduction(reduction: str) -> None:
     """Raise ``ValueError`` unless ``reduction`` is one of ``REDUCTIONS``."""
     if reduction not in REDUCTIONS:
@@ -274,6 +311,8 @@ def lm_loss(
     reduction: str = "mean",
     shift: bool = True,
     chunk_size: Optional[int] = None,
+    transport_precision: str = "fp32",
+    chunk_kernel: str = "torch",
     **hparams,
 ) -> torch.Tensor:
     """Causal-LM loss for any registered objective (``emo.OBJECTIVES``) on ``(B, T, V)`` logits.
@@ -286,6 +325,8 @@ def lm_loss(
     hyper-parameters (e.g. ``eta`` for MixCE). Computed in fp32; returns an fp32 scalar for ``mean`` (``sum / count``
     of valid tokens; 0, with zero gradients, when all are ignored) and ``sum``, or per-position values (``(B, T - 1)``,
     or ``(B, T)`` with ``shift=False``; 0 at ignored positions) for ``none``. Differentiable once (see module doc).
+    ``transport_precision`` (``fp32``, ``tf32``, ``bf16``; ``emo.transport``) is the precision of the transport
+    product; ``chunk_kernel`` (``torch``, ``triton``) runs the per-chunk elementwise work.
     """
     check_reduction(reduction)
     if logits.dim() != 3 or not logits.is_floating_point():
@@ -293,6 +334,7 @@ def lm_loss(
     labels = integer_labels(labels, logits.shape[:2], "logits")
     vocab_size = logits.shape[-1]
     spec, resolved, cost = resolve_objective(objective, cost_embedding, vocab_size, hparams)
+    operand = transport_options(cost, transport_precision, chunk_kernel, logits.device)
     flat_targets, valid = prediction_targets(labels, vocab_size, ignore_index, shift)
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     values = _ObjectiveOnLogits.apply(
@@ -301,9 +343,11 @@ def lm_loss(
         valid,
         spec,
         resolved,
-        None if cost is None else cost.to(logits.device).normalized,
+        operand,
         chunk_size or default_chunk_size(vocab_size),
         with_grad,
+        transport_precision,
+        chunk_kernel,
     )
     if reduction == "none":
         return per_position(values, labels.shape, shift)

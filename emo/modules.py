@@ -68,6 +68,7 @@ class LMLoss(torch.nn.Module):
     """``emo.lm_loss`` as a module: ``LMLoss("emo", cost_embedding=cost)(logits, labels)``.
 
     ``shift=True`` (default): position ``t`` predicts ``labels[:, t + 1]``; ``shift=False``: labels already shifted.
+    The other options are ``emo.lm_loss``'s.
     ``model`` is needed only by ``live_head`` objectives (``adaptive_emo``), which read its current LM head.
     """
 
@@ -81,12 +82,15 @@ class LMLoss(torch.nn.Module):
         reduction: str = "mean",
         shift: bool = True,
         chunk_size: Optional[int] = None,
+        transport_precision: str = "fp32",
+        chunk_kernel: str = "torch",
         **hparams,
     ):
         super().__init__()
         check_reduction(reduction)
         self.spec = ObjectiveSpec(objective, hparams, cost_embedding, model)
-        self.options = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, chunk_size=chunk_size)
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, chunk_size=chunk_size,
+                            transport_precision=transport_precision, chunk_kernel=chunk_kernel)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The objective's loss of ``(B, T, V)`` logits for ``(B, T)`` labels (see ``emo.lm_loss``)."""
@@ -113,12 +117,15 @@ class LinearLMLoss(torch.nn.Module):
         reduction: str = "mean",
         shift: bool = True,
         chunk_size: Optional[int] = None,
+        transport_precision: str = "fp32",
+        chunk_kernel: str = "torch",
         **hparams,
     ):
         super().__init__()
         check_reduction(reduction)
         self.spec = ObjectiveSpec(objective, hparams, cost_embedding)
-        self.options = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, chunk_size=chunk_size)
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, chunk_size=chunk_size,
+                            transport_precision=transport_precision, chunk_kernel=chunk_kernel)
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor] = None

@@ -39,6 +39,17 @@ class Objective:
         """True when the objective has a transport term (``cost_source`` is not ``none``)."""
         return self.cost_source != "none"
 
+    def token_weights(
+        self, nll: torch.Tensor, p_target: torch.Tensor, emo: Optional[torch.Tensor], hparams: dict,
+        valid: Optional[torch.Tensor] = None,
+    ) -> TokenWeights:
+        """``weights(nll, p_target, emo, **hparams)``: per-token ``(values, a, b)``, 0 on rows ``valid`` marks False."""
+        values, nll_weight, emo_weight = self.weights(nll, p_target, emo, **hparams)
+        if valid is not None:
+            values, nll_weight = values.where(valid, 0.0), nll_weight.where(valid, 0.0)
+            emo_weight = None if emo_weight is None else emo_weight.where(valid, 0.0)
+        return values, nll_weight, emo_weight
+
     def resolve_hparams(self, hparams: dict) -> dict:
         """Return the objective's defaults updated by ``hparams``; unknown names raise ``TypeError``."""
         unknown = sorted(set(hparams) - set(self.defaults))

@@ -27,6 +27,8 @@ _DATASETS_CACHE = tempfile.mkdtemp(prefix="emo-test-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
 DATA_DIR = REPO_ROOT / "data"
 os.environ["EMO_DATA_DIR"] = str(DATA_DIR)
+if not torch.cuda.is_available():  # Triton kernels (emo.triton_chunk) run on CPU tensors in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_sessionfinish(session, exitstatus):

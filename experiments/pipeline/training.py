@@ -133,7 +133,8 @@ def objective_loss(objective_cfg: DictConfig, model: torch.nn.Module, *, cost_so
         vocab_size = model.get_output_embeddings().weight.shape[0]
         cost = build_cost_embedding(cost_source, model, vocab_size, cost_revision).to(device)
     return ObjectiveLoss(objective_cfg.name, hparams=OmegaConf.to_container(objective_cfg.hparams, resolve=True),
-                         cost_embedding=cost, model=model, impl=objective_cfg.impl)
+                         cost_embedding=cost, model=model, impl=objective_cfg.impl,
+                         transport_precision=objective_cfg.transport_precision, chunk_kernel=objective_cfg.chunk_kernel)
 
 
 def build_trainer(cfg: DictConfig, model: torch.nn.Module, *, train_dataset, eval_dataset=None, data_collator=None,
