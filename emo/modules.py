@@ -64,49 +64,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class LMLoss(torch.nn.Module):
-    """``emo.lm_loss`` as a module: ``LMLoss("emo", cost_embedding=cost)(logits, labels)``.
-
-    ``shift=True`` (default): position ``t`` predicts ``labels[:, t + 1]``; ``shift=False``: labels already shifted.
-    The other options are ``emo.lm_loss``'s.
-    ``model`` is needed only by ``live_head`` objectives (``adaptive_emo``), which read its current LM head.
-    """
-
-    def __init__(
-        self,
-        objective: str = "mle",
-        cost_embedding: CostLike = None,
-        *,
-        model: Optional[torch.nn.Module] = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        shift: bool = True,
-        chunk_size: Optional[int] = None,
-        transport_precision: str = "fp32",
-        chunk_kernel: str = "torch",
-        **hparams,
-    ):
-        super().__init__()
-        check_reduction(reduction)
-        self.spec = ObjectiveSpec(objective, hparams, cost_embedding, model)
-        self.options = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, chunk_size=chunk_size,
-                            transport_precision=transport_precision, chunk_kernel=chunk_kernel)
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The objective's loss of ``(B, T, V)`` logits for ``(B, T)`` labels (see ``emo.lm_loss``)."""
-        return lm_loss(
-            logits, labels, objective=self.spec.objective, cost_embedding=self.spec.step_cost(), **self.options,
-            **self.spec.hparams,
-        )
-
-    def extra_repr(self) -> str:
-        return f"objective={self.spec.objective!r}, hparams={self.spec.hparams}, {self.options}"
-
-
-class LinearLMLoss(torch.nn.Module):
-    """``emo.linear_lm_loss`` as a module: ``LinearLMLoss("emo", cost_embedding=cost)(hidden, lm_head.weight, labels)``
-    computes the loss of ``hidden @ weight.T (+ bias)`` without materialising the logits; ``live_head`` objectives use
-    the given weight, detached, as their cost embedding."""
+class _ObjectiveModule(torch.nn.Module):
+    """What ``LMLoss`` and ``LinearLMLoss`` share: the objective (``ObjectiveSpec``) and the loss function's options."""
 
     def __init__(
         self,
@@ -127,6 +86,36 @@ class LinearLMLoss(torch.nn.Module):
         self.options = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, chunk_size=chunk_size,
                             transport_precision=transport_precision, chunk_kernel=chunk_kernel)
 
+    def extra_repr(self) -> str:
+        return f"objective={self.spec.objective!r}, hparams={self.spec.hparams}, {self.options}"
+
+
+class LMLoss(_ObjectiveModule):
+    """``emo.lm_loss`` as a module: ``LMLoss("emo", cost_embedding=cost)(logits, labels)``.
+
+    ``shift=True`` (default): position ``t`` predicts ``labels[:, t + 1]``; ``shift=False``: labels already shifted.
+    The other options are ``emo.lm_loss``'s. ``model`` is needed only by ``live_head`` objectives (``adaptive_emo``),
+    which read its current LM head.
+    """
+
+    def __init__(self, objective: str = "mle", cost_embedding: CostLike = None, *,
+                 model: Optional[torch.nn.Module] = None, **options):
+        super().__init__(objective, cost_embedding, **options)
+        self.spec.model = model
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The objective's loss of ``(B, T, V)`` logits for ``(B, T)`` labels (see ``emo.lm_loss``)."""
+        return lm_loss(
+            logits, labels, objective=self.spec.objective, cost_embedding=self.spec.step_cost(), **self.options,
+            **self.spec.hparams,
+        )
+
+
+class LinearLMLoss(_ObjectiveModule):
+    """``emo.linear_lm_loss`` as a module: ``LinearLMLoss("emo", cost_embedding=cost)(hidden, lm_head.weight, labels)``
+    computes the loss of ``hidden @ weight.T (+ bias)`` without materialising the logits; ``live_head`` objectives use
+    the given weight, detached, as their cost embedding. The options are ``LMLoss``'s (without ``model``)."""
+
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -135,6 +124,3 @@ class LinearLMLoss(torch.nn.Module):
             hidden, weight, labels, objective=self.spec.objective, lm_head_bias=bias,
             cost_embedding=self.spec.step_cost(weight), **self.options, **self.spec.hparams,
         )
-
-    def extra_repr(self) -> str:
-        return f"objective={self.spec.objective!r}, hparams={self.spec.hparams}, {self.options}"
