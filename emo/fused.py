@@ -45,8 +45,8 @@ def _gradient_operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch
     """Dtype of the operands of the backward products, whose results and accumulators are always fp32.
 
     The logit gradient is formed before the upstream gradient (e.g. a loss scale) is known, so it must not be rounded
-    to a narrow range: fp16 operands would flush its small entries to zero, so fp16 (and mixed or fp64) inputs use
-    fp32 operands (one fp32 copy of the weight per call). bf16 shares fp32's exponent range, so rounding it before or
+    to a narrow range: fp16 operands would flush its small entries to zero, so fp16 (and fp64) inputs use fp32
+    operands (one fp32 copy of the weight per call). bf16 shares fp32's exponent range, so rounding it before or
     after the scale is alike: bf16 keeps its fast products where they can write fp32 results (CUDA, torch >= 2.8); the
     fp32 results keep the weight gradient, a sum over all chunks, from being rounded once per chunk.
     """
@@ -279,5 +279,7 @@ def linear_lm_loss(
     outputs = values if return_token_stats else (values,)
     if rows is not None:
         outputs = [x.new_zeros(flat_targets.shape).index_put((rows,), x) for x in outputs]
+    else:  # compiled: every position was projected; the statistics of ignored ones are zeroed like their values
+        outputs = [x.masked_fill(~valid, 0) for x in outputs]
     outputs = [per_position(x, labels.shape, shift) for x in outputs]
     return TokenValues(*outputs) if return_token_stats else outputs[0]

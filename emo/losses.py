@@ -364,8 +364,8 @@ def EMOLoss(
     """Drop-in replacement for ``EMOLoss`` from the ``EMOLoss==0.0.3`` package, with the same arguments and values.
 
     ``mode=1`` weights towards MLE (objective ``emo_clamped``: the ratio clamped at 3), ``mode=2`` towards EMO
-    (``emo2``). Unlike the reference it
-    builds no one-hot matrix, computes in fp32, and never back-propagates into ``cost_embedding``.
+    (``emo2``). Unlike the reference it builds no one-hot matrix, computes in fp32, and never back-propagates into
+    ``cost_embedding``.
     """
     if mode not in (1, 2):
         raise ValueError(f"EMOLoss mode must be 1 or 2, got {mode!r}")

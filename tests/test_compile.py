@@ -74,3 +74,18 @@ def test_out_of_range_label_under_compile_raises():
     compiled = torch.compile(_losses("emo", cost)["materialized"], fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match="out of range for vocabulary size 50"):
         compiled(hidden, weight, labels)
+
+
+def test_per_token_statistics_under_compile_match_eager():
+    """Compiled, the fused loss projects every position: its per-token values and statistics (TRL's metrics) are still
+    zero at ignored positions, as in eager mode where those positions are dropped."""
+    hidden, weight, labels, _ = _case(seed=2)
+
+    def per_token(hidden, weight, labels):
+        return linear_lm_loss(hidden, weight, labels, objective="mle", reduction="none", return_token_stats=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(per_token, fullgraph=True, backend="aot_eager")(hidden, weight, labels)
+    for ours, expected in zip(compiled, per_token(hidden, weight, labels)):
+        torch.testing.assert_close(ours, expected)
+    assert not compiled.entropy[0, :3].any() and compiled.entropy[1].all()

@@ -132,6 +132,22 @@ def test_judge_endpoint_with_a_refused_key_or_an_unknown_model_fails(hub_online,
     assert "serves no model 'gpt-5'" in rows_of(cfg)["judge.base_url"].note
 
 
+def test_judge_endpoint_with_credentials_in_its_url_never_shows_them(hub_online, compose_cfg, monkeypatch):
+    """A base URL holding user:password (OPENAI_BASE_URL, as the judge docs advise) is requested with them (the
+    loopback server then sees HTTP basic auth instead of the bearer key, and refuses it), and the table names only
+    the URL's public part."""
+    monkeypatch.setenv("OPENAI_API_KEY", hub_online.openai_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", hub_online.cdn.replace("http://", "http://judge-user:s3cret-pass@") + "/v1")
+    cfg = compose_cfg("experiment=sft_alpaca", "+judge=openai")
+    row = rows_of(cfg)["judge.base_url"]
+    assert row.resource.name == f"{hub_online.cdn}/v1" and row.status == preflight.FAILED
+    assert "refused" in row.note and any(method == "GET" and path == "/v1/models"
+                                         for origin, method, path in hub_online.requests)
+    table = io.StringIO()
+    preflight.report(cfg, stream=table)
+    assert "s3cret-pass" not in table.getvalue() and "judge-user" not in table.getvalue()
+
+
 def test_webtext_row_is_ok_through_its_fallback(hub_online, compose_cfg):
     base = "/gpt-2/output-dataset/v1/webtext.valid.jsonl"
     cfg = compose_cfg("experiment=lm_gpt2", "data=webtext", f"data.data_files.train=http://127.0.0.1:9{base}",

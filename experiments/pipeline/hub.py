@@ -174,8 +174,6 @@ def _cached_file(repo_id: str, filename: str, revision: str | None) -> str | Non
     return found if isinstance(found, str) else None
 
 
-
-
 # ------------------------------------------------------------------------------------ revisions, commits, the record
 _recorded: dict[tuple, dict] = {}  # what this process loaded from the Hub since the run started (`clear_record`)
 

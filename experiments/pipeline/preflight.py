@@ -24,7 +24,10 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from experiments.pipeline import hub
+from experiments.pipeline.credentials import public_url, redact
+from experiments.pipeline.judging.clients import OPENAI_DEFAULT_BASE_URL, endpoint_settings
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +152,9 @@ def _instruction_resources(role: str, node: Mapping) -> Iterator[Resource]:
 
 def _judge_resources(judge: Mapping) -> Iterator[Resource]:
     if judge.get("kind") == "openai":
-        yield Resource("judge.base_url", "judge", judge.get("base_url") or os.environ.get("OPENAI_BASE_URL")
-                       or "https://api.openai.com/v1", details={"model": judge.get("model"),
-                                                                "api_key_env": judge.get("api_key_env")})
+        base_url, key_env = endpoint_settings(judge)
+        yield Resource("judge.base_url", "judge", public_url(base_url),  # the table never shows credentials
+                       details={"url": base_url, "model": judge.get("model"), "api_key_env": key_env})
     elif judge.get("kind") == "hf_local":
         yield from _model_like("judge.model", "model", judge.get("model"), judge.get("revision"))
         if judge.get("tokenizer") != judge.get("model"):
@@ -364,21 +367,21 @@ def _check_local(resource: Resource) -> Row:
 def _check_judge(resource: Resource) -> Row:
     import openai
 
-    key_env, model = resource.details.get("api_key_env"), resource.details.get("model")
-    key = os.environ.get(key_env) if key_env else None
-    if not key and "api.openai.com" in resource.name:
+    key_env, model, url = (resource.details[k] for k in ("api_key_env", "model", "url"))
+    key = os.environ.get(key_env)
+    if not key and resource.name == OPENAI_DEFAULT_BASE_URL:
         return Row(resource, FAILED, f"no API key: set the environment variable {key_env} (judge.api_key_env)")
-    reason = hub.unreachable_reason(resource.name) if not hub.hub_offline() else None
+    reason = hub.unreachable_reason(url) if not hub.hub_offline() else None
     if reason:
         return Row(resource, UNCHECKED, reason)
-    client = openai.OpenAI(base_url=resource.name, api_key=key or "unused", timeout=10.0, max_retries=0)
+    client = openai.OpenAI(base_url=url, api_key=key or "unused", timeout=10.0, max_retries=0)
     try:
         served = [entry.id for entry in client.models.list()]
     except openai.AuthenticationError:
         refused = f"refused the key in {key_env}" if key else f"asks for a key: set {key_env}"
         return Row(resource, FAILED, f"the endpoint {refused} (HTTP 401)")
     except openai.APIConnectionError as error:
-        return Row(resource, UNCHECKED, f"no answer from {resource.name}/models ({error})")
+        return Row(resource, UNCHECKED, f"no answer from {resource.name}/models ({redact(str(error), [key])})")
     except openai.APIStatusError as error:
         return Row(resource, FAILED, f"GET {resource.name}/models answered HTTP {error.status_code}")
     if model not in served:

@@ -33,6 +33,14 @@ TOO_LONG = re.compile(r"context.length|maximum context|context window|too long|m
 OnResult = Callable[[JudgeRequest, JudgeReply], None]
 
 
+def endpoint_settings(cfg: Mapping) -> tuple[str, str]:
+    """An OpenAI-compatible judge's base URL (`judge.base_url`, else `OPENAI_BASE_URL`, else OpenAI's; it may hold
+    credentials: record only its `public_url`) and the name of the environment variable holding its API key
+    (`judge.api_key_env`, default `OPENAI_API_KEY`)."""
+    base_url = str(cfg.get("base_url") or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL)
+    return base_url, str(cfg.get("api_key_env") or "OPENAI_API_KEY")
+
+
 class JudgeConfigError(ValueError):
     """A judge config that cannot work (missing key, unknown kind, credentials in the config, ...)."""
 
@@ -98,7 +106,7 @@ class OpenAIJudge:
         if cfg.get("base_url") and url_credentials(str(cfg["base_url"])):
             raise JudgeConfigError("judge.base_url holds a user name or password, which would be recorded with the "
                                    "config: set OPENAI_BASE_URL to that URL instead and leave judge.base_url null.")
-        base_url = str(cfg.get("base_url") or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL)
+        base_url, key_env = endpoint_settings(cfg)
         self.endpoint = public_url(base_url)
         self.api = cfg.get("api") or ("chat" if template.format == "chat" else "completions")
         if self.api not in ("chat", "completions"):
@@ -107,7 +115,6 @@ class OpenAIJudge:
             raise JudgeConfigError(f"Template '{template.name}' has a system prompt; use judge.api=chat with it.")
         if self.api == "completions" and template.reads_logprobs:
             raise JudgeConfigError(f"Template '{template.name}' reads chat logprobs; use judge.api=chat with it.")
-        key_env = str(cfg.get("api_key_env") or "OPENAI_API_KEY")
         key = os.environ.get(key_env) or None
         if key is None:
             if self.endpoint == OPENAI_DEFAULT_BASE_URL:
